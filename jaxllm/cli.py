@@ -1,0 +1,123 @@
+"""`jaxllm <command>`: prepare | pretrain | sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _cmd_prepare(args) -> None:
+    from jaxllm.data import TokenDataset, prepare
+
+    out = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  val_fraction=args.val_fraction, text_key=args.text_key, data_dir=args.tfds_data_dir)
+    print(TokenDataset(out))
+
+
+def _cmd_pretrain(args) -> None:
+    from jaxllm.configfile import load_config
+    from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+
+    config_path, overrides = None, []
+    for item in args.settings:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise ValueError(f"unexpected argument {item!r}: give one YAML file, then key=value overrides")
+    if args.resume:
+        overrides.append("train.resume=true")
+    config = load_config(PretrainConfig, config_path, overrides)
+    result = run_pretrain(config)
+    out = config.train.out_dir
+    print(f"\nfinished {result.train.step} steps in {result.train.train_seconds:.1f} s "
+          f"(compile {result.train.compile_seconds:.1f} s)")
+    if result.val_loss is not None:
+        print(f"val loss: {result.val_loss:.4f}")
+    print(f"checkpoints: {out}/checkpoints   metrics: {out}/metrics.jsonl   tensorboard: {out}/tensorboard")
+    if result.sample is not None:
+        print("\n--- sample ---\n" + result.sample)
+
+
+def _cmd_sample(args) -> None:
+    import jax
+    import numpy as np
+
+    from jaxllm.sampling import generate
+    from jaxllm.training.checkpoint import load_checkpoint
+
+    model, cfg, tok, _ = load_checkpoint(args.ckpt, args.step)
+    if tok is None:
+        raise FileNotFoundError(f"{args.ckpt}/tokenizer is missing; the run directory is incomplete")
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        prompt = [tok.eos_id if tok.eos_id is not None else 0]
+    prompt = np.asarray([prompt] * args.num_samples)
+    if prompt.shape[1] > cfg.block_size:
+        prompt = prompt[:, -cfg.block_size:]  # keep the end of a long prompt, as the model would
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, key=jax.random.key(args.seed))
+    for i, row in enumerate(np.asarray(out)):
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(tok.decode(row))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxllm", description="GPT-style language models in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("prepare", help="tokenize a corpus into a token dataset on disk")
+    pp.add_argument("--source", default="shakespeare",
+                    help="'shakespeare' (bundled), a text file, folder or glob, or tfds:NAME[/CONFIG][:SPLIT]")
+    pp.add_argument("--out", default="data_cache/shakespeare-char", help="output directory")
+    pp.add_argument("--tokenizer", default="char", help="char | bpe | gpt2 | path to tokenizer.json")
+    pp.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --tokenizer bpe")
+    pp.add_argument("--val-fraction", type=float, default=0.1)
+    pp.add_argument("--text-key", default=None, help="TFDS feature holding the text")
+    pp.add_argument("--tfds-data-dir", default=None)
+    pp.set_defaults(func=_cmd_prepare)
+
+    pt = sub.add_parser("pretrain", help="pretrain a GPT (no arguments: char-level Shakespeare on CPU)")
+    pt.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pt.set_defaults(func=_cmd_pretrain)
+
+    ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
+    ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")
+    ps.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ps.add_argument("--prompt", default="\n")
+    ps.add_argument("--max-new-tokens", type=int, default=200)
+    ps.add_argument("--temperature", type=float, default=0.8)
+    ps.add_argument("--top-k", type=int, default=0)
+    ps.add_argument("--num-samples", type=int, default=1)
+    ps.add_argument("--seed", type=int, default=0)
+    ps.set_defaults(func=_cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # parse_known_args so `key=value` overrides may also follow options like --resume
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "pretrain" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.settings += extra
+    from jaxllm.training.loop import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except (*USER_ERRORS, NonFiniteLossError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"jaxllm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

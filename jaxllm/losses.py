@@ -1,0 +1,41 @@
+"""Token-level cross-entropy with Hugging Face's conventions (ignore_index=-100)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
+                      ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+    """(sum of per-token losses, number of counted tokens); targets already aligned with logits.
+
+    Returning the sum and the count separately lets gradient accumulation normalise by the total
+    token count of the whole batch rather than averaging micro-batch means.
+    """
+    V = logits_BTV.shape[-1]
+    logits_NV = logits_BTV.reshape(-1, V).astype(jnp.float32)
+    targets_N = targets_BT.reshape(-1)
+    counted_N = targets_N != ignore_index
+    safe_N = jnp.where(counted_N, targets_N, 0)
+    target_logit_N = jnp.take_along_axis(logits_NV, safe_N[:, None], axis=-1)[:, 0]
+    nll_N = jax.nn.logsumexp(logits_NV, axis=-1) - target_logit_N
+    return jnp.sum(jnp.where(counted_N, nll_N, 0.0)), jnp.sum(counted_N).astype(jnp.float32)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean cross-entropy over counted tokens; targets already aligned (nanoGPT's x/y batches)."""
+    total, count = cross_entropy_sum(logits_BTV, targets_BT, ignore_index)
+    return total / jnp.maximum(count, 1.0)
+
+
+def next_token_loss(logits_BTV: jax.Array, labels_BT: jax.Array,
+                    ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean next-token loss with the shift done here: labels are the input ids (HF's convention).
+
+    Position t's logits predict labels[t + 1]; -100 labels (prompt, padding) are not counted.
+    """
+    return cross_entropy(logits_BTV[:, :-1], labels_BT[:, 1:], ignore_index)

@@ -1,0 +1,191 @@
+"""The one training loop: every stage (pretraining, SFT, reward, DPO, ...) runs through `train_loop`.
+
+A stage hands it a model, a loss, a batch function of the step number and an evaluator; the loop
+owns the jitted step, progress bar, metrics, periodic eval, checkpoints, the NaN stop and resume.
+Batches and dropout keys are pure functions of (seed, step), so a resumed run repeats exactly the
+steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.metrics import MetricsWriter
+from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
+from jaxllm.training.perf import measure_matmul_peak, mfu
+from jaxllm.training.step import TrainState, init_train_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    out_dir: str = "runs/default"
+    batch_size: int = 12            # sequences per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step
+    max_iters: int = 2000
+    eval_interval: int = 250        # 0: evaluate only at the end
+    log_interval: int = 10
+    ckpt_interval: int = 500        # 0: checkpoint only at the end
+    keep_ckpts: int = 3
+    seed: int = 1337
+    resume: bool = False            # continue from the latest checkpoint in out_dir, if any
+    overwrite: bool = False         # delete existing checkpoints in out_dir instead of refusing
+    peak_flops: float | None = None  # for MFU; None measures an fp32 matmul on this device
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "keep_ckpts"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: nnx.Module
+    step: int
+    losses: dict[int, float]                 # step -> train loss of that step
+    evals: dict[int, dict[str, float]]       # step -> eval metrics
+    train_seconds: float                     # wall time inside the loop, compile included
+    compile_seconds: float
+
+
+def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
+               optim: OptimConfig, loop: LoopConfig, meta: dict,
+               make_eval: Callable[[Any], Callable[[TrainState], dict]] | None = None,
+               trainable=nnx.Param, tokens_per_step: int, flops_per_token: float,
+               on_start: Callable[[], None] | None = None) -> TrainResult:
+    """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
+
+    batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis.
+    make_eval(graphdef) returns evaluate(state) -> {"val_loss": ...}.
+    on_start() runs once the run directory is known good (e.g. to save the tokenizer there).
+    """
+    optimizer = make_optimizer(optim)
+    ckpt = _prepare_run_dir(loop)
+    start = 0
+    if loop.resume and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        _check_resume_compatible(ckpt.read_meta(start), meta, ckpt.directory)
+        ckpt.restore_model(nnx.state(model), start)
+    graphdef, state = init_train_state(model, optimizer, trainable)
+    if start:
+        restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
+        state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
+    if on_start is not None:
+        on_start()
+
+    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim))
+    evaluate = make_eval(graphdef) if make_eval is not None else None
+    peak = loop.peak_flops or measure_matmul_peak()
+    writer = MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard,
+                           resume_step=start if loop.resume else None)
+    base_key = jax.random.key(loop.seed)
+
+    losses: dict[int, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+    pending: list[tuple[int, dict]] = []   # dispatched steps whose metrics are not yet read
+    window = {"steps": 0, "seconds": 0.0}
+    last_eval = None
+    bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
+               dynamic_ncols=True)
+    loop_start = time.perf_counter()
+    compile_seconds = 0.0
+    tick = time.perf_counter()
+
+    def drain(keep_last: int = 0) -> None:
+        """Read metrics of finished steps; stop on the first non-finite loss."""
+        while len(pending) > keep_last:
+            s, m = pending.pop(0)
+            m = jax.device_get(m)
+            if not bool(m["finite"]):
+                writer.close()
+                bar.close()
+                good = ckpt.latest_step()
+                raise NonFiniteLossError(
+                    f"loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
+                    f"training stopped. The last good checkpoint "
+                    f"{'is step ' + str(good) if good is not None else 'does not exist yet'} in "
+                    f"{ckpt.directory} and is untouched. Lower optim.learning_rate, keep "
+                    f"optim.grad_clip on, or use float32 compute, then resume.")
+            losses[s] = float(m["loss"])
+            if (s + 1) % loop.log_interval == 0 or s + 1 == loop.max_iters:
+                tokens_per_s = tokens_per_step * window["steps"] / max(window["seconds"], 1e-9)
+                record = {"loss": losses[s], "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                          "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak)}
+                writer.write(s + 1, record)
+                bar.set_postfix(loss=f"{losses[s]:.4f}", val=last_eval, tok_s=f"{tokens_per_s:,.0f}",
+                                mfu=f"{record['mfu']:.1%}", refresh=False)
+                window["steps"], window["seconds"] = 0, 0.0
+
+    try:
+        for it in range(start, loop.max_iters):
+            batch = batch_fn(it)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, it))
+            pending.append((it, metrics))
+            drain(keep_last=1)  # one step stays in flight so the host never waits idle
+            now = time.perf_counter()
+            if it == start:
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                compile_seconds = now - tick  # first step: compilation dominates; not a throughput sample
+            else:
+                window["steps"] += 1
+                window["seconds"] += now - tick
+            bar.update(1)
+            done = it + 1
+            is_last = done == loop.max_iters
+            if evaluate is not None and (is_last or (loop.eval_interval and done % loop.eval_interval == 0)):
+                drain()
+                result = {k: float(v) for k, v in evaluate(state).items()}
+                evals[done] = result
+                writer.write(done, result)
+                last_eval = f"{next(iter(result.values())):.4f}"
+                bar.set_postfix(loss=f"{losses[it]:.4f}", val=last_eval, refresh=True)
+            if is_last or (loop.ckpt_interval and done % loop.ckpt_interval == 0):
+                drain()  # never checkpoint a state whose loss we have not checked
+                model_state = nnx.merge_state(state.trainable, state.frozen)
+                ckpt.save(done, model_state, {"step": state.step, "opt_state": state.opt_state}, meta)
+            tick = time.perf_counter()
+        drain()
+    finally:
+        bar.close()
+    writer.close()
+    train_seconds = time.perf_counter() - loop_start
+    nnx.update(model, state.trainable, state.frozen)
+    ckpt.close()
+    return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds)
+
+
+def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
+    ckpt = Checkpointer(loop.out_dir, keep=loop.keep_ckpts)
+    existing = ckpt.latest_step()
+    if existing is not None and not loop.resume:
+        if not loop.overwrite:
+            raise FileExistsError(
+                f"{loop.out_dir} already holds checkpoints (latest step {existing}). Pass "
+                "train.resume=true to continue that run, train.overwrite=true to replace it, or "
+                "choose another train.out_dir.")
+        ckpt.close()
+        shutil.rmtree(ckpt.directory)
+        ckpt = Checkpointer(loop.out_dir, keep=loop.keep_ckpts)
+    return ckpt
+
+
+def _check_resume_compatible(saved: dict, current: dict, where) -> None:
+    if saved.get("model") != current.get("model"):
+        raise ValueError(
+            f"cannot resume from {where}: its model config {saved.get('model')} differs from the "
+            f"requested {current.get('model')}; use the same model settings or another out_dir")
+

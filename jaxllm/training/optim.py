@@ -1,0 +1,49 @@
+"""AdamW with GPT-style weight decay, warmup + cosine schedule, and global-norm clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5            # floor of the cosine decay
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000      # step at which the cosine reaches min_lr
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0          # 0 disables clipping
+
+
+def lr_schedule(c: OptimConfig):
+    """nanoGPT's schedule: linear warmup to lr at `warmup_iters`, cosine to `min_lr`, then flat.
+
+    Step 0 already gets lr / (warmup + 1), so the first update is not wasted.
+    """
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = c.learning_rate * (step + 1) / (c.warmup_iters + 1)
+        span = max(c.lr_decay_iters - c.warmup_iters, 1)
+        ratio = jnp.clip((step - c.warmup_iters) / span, 0.0, 1.0)
+        cosine = c.min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (c.learning_rate - c.min_lr)
+        return jnp.where(step < c.warmup_iters, warm, cosine)
+    return schedule
+
+
+def decay_mask(params):
+    """Decay matrices and embeddings (ndim >= 2); never biases or LayerNorm gains."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr_schedule(c), b1=c.beta1, b2=c.beta2, weight_decay=c.weight_decay,
+                        mask=decay_mask)
+    if c.grad_clip and c.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(c.grad_clip), adamw)
+    return adamw

@@ -1,0 +1,115 @@
+"""The train state and the pure, jitted train/eval steps every training stage shares.
+
+A stage supplies only `loss_fn(model, batch, key) -> (loss_sum, token_count)`; this file turns it
+into one compiled step with gradient accumulation, clipping, the optimizer update and a NaN guard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxllm.losses import IGNORE_INDEX, cross_entropy_sum
+
+LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # int32 scalar: optimizer updates applied so far
+    trainable: nnx.State     # what the optimizer sees (all params, or only LoRA/adapters/heads)
+    frozen: nnx.State        # everything else; never touched by the update
+    opt_state: Any
+
+
+def split_model(model: nnx.Module, trainable=nnx.Param):
+    """graphdef, trainable state, frozen state: "train only LoRA" is just another filter."""
+    return nnx.split(model, trainable, ...)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, trainable=nnx.Param):
+    graphdef, train_vars, frozen = split_model(model, trainable)
+    state = TrainState(jnp.zeros((), jnp.int32), train_vars, frozen, optimizer.init(train_vars))
+    return graphdef, state
+
+
+def lm_loss_fn(model, batch, key):
+    """Pretraining loss: batch = (x, y) with y already shifted (nanoGPT's windows)."""
+    x, y = batch
+    return cross_entropy_sum(model(x, dropout_key=key), y)
+
+
+def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    lr_fn: Callable | None = None):
+    """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
+
+    `batch` leaves carry a leading gradient-accumulation axis (accum, micro_batch, ...). Gradients
+    of the summed loss are added over micro-batches and divided once by the total token count, so
+    every token weighs the same however the batch is split. A non-finite loss or gradient leaves
+    the state unchanged (and is reported in the metrics), so a NaN never reaches a checkpoint.
+    """
+
+    def sum_loss(trainable, frozen, micro_batch, key):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return loss_fn(model, micro_batch, key)
+
+    grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+
+    def step(state: TrainState, batch, key):
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(key, accum)
+
+        def micro(carry, inputs):
+            grads_acc, loss_acc, count_acc = carry
+            micro_batch, k = inputs
+            (loss_sum, count), grads = grad_fn(state.trainable, state.frozen, micro_batch, k)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        if accum == 1:  # skip the scan so XLA sees one straight-line program
+            carry, _ = micro(carry, (jax.tree.map(lambda a: a[0], batch), keys[0]))
+        else:
+            carry, _ = jax.lax.scan(micro, carry, (batch, keys))
+        grads, loss_sum, count = carry
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = loss_sum / count
+        grad_norm = optax.global_norm(grads)
+
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        new_trainable = optax.apply_updates(state.trainable, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + ok.astype(jnp.int32),
+            trainable=keep(new_trainable, state.trainable),
+            frozen=state.frozen,
+            opt_state=keep(new_opt_state, state.opt_state),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn):
+    """Returns eval(state, batch) -> (loss_sum, count) with no dropout, jitted."""
+
+    def evaluate(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return loss_fn(model, batch, None)
+
+    jitted = jax.jit(evaluate)
+    return lambda state, batch: jitted(state.trainable, state.frozen, batch)
+
+
+def mask_rows(y_BT, row_mask_B):
+    """Targets of padded rows become IGNORE_INDEX so a fixed-shape eval batch counts only real rows."""
+    return jnp.where(jnp.asarray(row_mask_B)[:, None], y_BT, IGNORE_INDEX)
