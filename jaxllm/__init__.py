@@ -1,0 +1,16 @@
+"""jaxllm: GPT-style language models in JAX/Flax NNX, from tokenization to alignment."""
+
+from jaxllm.config import PRESETS, GPTConfig
+from jaxllm.data import TokenDataset, load_text, prepare
+from jaxllm.losses import cross_entropy, next_token_loss
+from jaxllm.model import GPT, count_params
+from jaxllm.sampling import generate
+from jaxllm.tokenizer import build_tokenizer, load_tokenizer
+from jaxllm.training.checkpoint import load_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT", "GPTConfig", "PRESETS", "TokenDataset", "build_tokenizer", "count_params", "cross_entropy",
+    "generate", "load_checkpoint", "load_text", "load_tokenizer", "next_token_loss", "prepare",
+]

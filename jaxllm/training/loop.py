@@ -57,8 +57,10 @@ class TrainResult:
     step: int
     losses: dict[int, float]                 # step -> train loss of that step
     evals: dict[int, dict[str, float]]       # step -> eval metrics
-    train_seconds: float                     # wall time inside the loop, compile included
+    train_seconds: float                     # wall time of the steps, compile included, eval/ckpt not
     compile_seconds: float
+    eval_seconds: float
+    checkpoint_seconds: float
 
 
 def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
@@ -78,10 +80,12 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     if loop.resume and ckpt.latest_step() is not None:
         start = ckpt.latest_step()
         _check_resume_compatible(ckpt.read_meta(start), meta, ckpt.directory)
-        ckpt.restore_model(nnx.state(model), start)
+        # nnx.state() returns a copy: the restored weights must be written back into the model.
+        nnx.update(model, jax.device_put(ckpt.restore_model(nnx.state(model), start)))
     graphdef, state = init_train_state(model, optimizer, trainable)
     if start:
         restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
+        restored = jax.device_put(restored)  # uncommitted like a fresh state: no recompilation
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
     if on_start is not None:
         on_start()
@@ -101,7 +105,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
                dynamic_ncols=True)
     loop_start = time.perf_counter()
-    compile_seconds = 0.0
+    compile_seconds = eval_seconds = checkpoint_seconds = 0.0
     tick = time.perf_counter()
 
     def drain(keep_last: int = 0) -> None:
@@ -148,24 +152,29 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             is_last = done == loop.max_iters
             if evaluate is not None and (is_last or (loop.eval_interval and done % loop.eval_interval == 0)):
                 drain()
+                t_eval = time.perf_counter()
                 result = {k: float(v) for k, v in evaluate(state).items()}
                 evals[done] = result
                 writer.write(done, result)
                 last_eval = f"{next(iter(result.values())):.4f}"
                 bar.set_postfix(loss=f"{losses[it]:.4f}", val=last_eval, refresh=True)
+                eval_seconds += time.perf_counter() - t_eval
             if is_last or (loop.ckpt_interval and done % loop.ckpt_interval == 0):
                 drain()  # never checkpoint a state whose loss we have not checked
+                t_ckpt = time.perf_counter()
                 model_state = nnx.merge_state(state.trainable, state.frozen)
                 ckpt.save(done, model_state, {"step": state.step, "opt_state": state.opt_state}, meta)
+                checkpoint_seconds += time.perf_counter() - t_ckpt
             tick = time.perf_counter()
         drain()
     finally:
         bar.close()
     writer.close()
-    train_seconds = time.perf_counter() - loop_start
+    train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
     nnx.update(model, state.trainable, state.frozen)
     ckpt.close()
-    return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds)
+    return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
+                       eval_seconds, checkpoint_seconds)
 
 
 def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:

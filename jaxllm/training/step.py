@@ -49,7 +49,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     `batch` leaves carry a leading gradient-accumulation axis (accum, micro_batch, ...). Gradients
     of the summed loss are added over micro-batches and divided once by the total token count, so
     every token weighs the same however the batch is split. A non-finite loss or gradient leaves
-    the state unchanged (and is reported in the metrics), so a NaN never reaches a checkpoint.
+    the state unchanged and sets `metrics["finite"]` to False; the loop stops on it before the
+    next checkpoint, so a NaN never reaches one.
     """
 
     def sum_loss(trainable, frozen, micro_batch, key):
@@ -79,18 +80,18 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss_sum / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        new_trainable = optax.apply_updates(state.trainable, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + ok.astype(jnp.int32),
-            trainable=keep(new_trainable, state.trainable),
-            frozen=state.frozen,
-            opt_state=keep(new_opt_state, state.opt_state),
-        )
+
+        def apply(state, grads):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+            trainable = optax.apply_updates(state.trainable, updates)
+            return state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+
+        # The update runs inside the cond's branch, so the donated buffers are updated in place;
+        # a select between old and new state would make XLA copy every optimizer buffer.
+        new_state = jax.lax.cond(ok, apply, lambda state, grads: state, state, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)

@@ -1,0 +1,85 @@
+"""Smoke tests of `jaxllm <command>` and the `python train/pretrain.py` script entry."""
+
+import contextlib
+import io
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.data import TokenDataset
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_overrides):
+    root = tmp_path_factory.mktemp("cli")
+    return root, run_main(["pretrain", *tiny_overrides(root)])
+
+
+def test_prepare_writes_a_token_dataset_of_the_whole_text(tmp_path, corpus_file):
+    rc, out, _ = run_main(["prepare", "--source", corpus_file, "--out", tmp_path / "ds"])
+    assert rc == 0
+    ds = TokenDataset(tmp_path / "ds")
+    text = corpus_file.read_text(encoding="utf-8")
+    assert len(ds.train) + len(ds.val) == len(text)
+    assert ds.vocab_size == len(set(text))
+    assert f"vocab_size={ds.vocab_size}" in out
+
+
+def test_pretrain_command_trains_and_prints_val_loss_and_sample(pretrained):
+    root, (rc, out, err) = pretrained
+    assert rc == 0, err
+    assert "finished 6 steps" in out
+    val = re.search(r"val loss: (\d+\.\d+)", out)
+    assert val and 0 < float(val.group(1)) < 5
+    sample = out.split("--- sample ---\n", 1)[1][:-1]  # print adds one newline
+    assert sample.startswith("\n") and len(sample) == 1 + 8  # default prompt + 8 new characters
+    assert (root / "run" / "checkpoints" / "6").is_dir()
+    assert (root / "run" / "tokenizer").is_dir()
+
+
+def test_sample_command_continues_the_prompt_from_a_checkpoint(pretrained):
+    root, _ = pretrained
+    rc, out, err = run_main(["sample", "--ckpt", root / "run", "--prompt", "the lazy",
+                             "--max-new-tokens", 5, "--seed", 1])
+    assert rc == 0, err
+    text = out[:-1]
+    assert text.startswith("the lazy") and len(text) == len("the lazy") + 5
+
+
+def test_sample_command_without_checkpoints_exits_2_naming_the_directory(tmp_path):
+    rc, _, err = run_main(["sample", "--ckpt", tmp_path / "no_run"])
+    assert rc == 2 and "no_run" in err and "jaxllm sample: error" in err
+
+
+def test_unknown_config_key_exits_2_listing_valid_keys(tmp_path):
+    rc, out, err = run_main(["pretrain", "train.max_iter=3", f"train.out_dir={tmp_path}/run"])
+    assert rc == 2
+    assert "train.max_iter" in err and "valid keys" in err
+    for key in ("train.max_iters", "train.batch_size", "train.resume"):
+        assert key in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_pretrain_script_runs_from_another_directory(tmp_path, tiny_overrides):
+    # Relative paths: data and run land under the working directory, not the repository.
+    cmd = [sys.executable, str(REPO / "train" / "pretrain.py"), *tiny_overrides(".")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val loss:" in proc.stdout and "--- sample ---" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "6").is_dir()
+    assert (tmp_path / "data" / "meta.json").is_file()
