@@ -136,7 +136,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     try:
         for it in range(start, loop.max_iters):
             batch = batch_fn(it)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, it))
+            state, metrics = step_fn(state, batch, base_key)
             pending.append((it, metrics))
             drain(keep_last=1)  # one step stays in flight so the host never waits idle
             now = time.perf_counter()

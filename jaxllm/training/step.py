@@ -46,6 +46,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
                     lr_fn: Callable | None = None):
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
 
+    `key` is the run's base key; the step's own dropout key is derived from it and `state.step`
+    inside the compiled program, so resuming needs no key state (and no per-step host work).
+
     `batch` leaves carry a leading gradient-accumulation axis (accum, micro_batch, ...). Gradients
     of the summed loss are added over micro-batches and divided once by the total token count, so
     every token weighs the same however the batch is split. A non-finite loss or gradient leaves
@@ -61,7 +64,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
     def step(state: TrainState, batch, key):
         accum = jax.tree.leaves(batch)[0].shape[0]
-        keys = jax.random.split(key, accum)
+        keys = jax.random.split(jax.random.fold_in(key, state.step), accum)
 
         def micro(carry, inputs):
             grads_acc, loss_acc, count_acc = carry
