@@ -101,7 +101,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     evals: dict[int, dict[str, float]] = {}
     pending: list[tuple[int, dict]] = []   # dispatched steps whose metrics are not yet read
     window = {"steps": 0, "seconds": 0.0}
-    last_eval = None
+    last_eval = "-"
     bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
                dynamic_ncols=True)
     loop_start = time.perf_counter()
