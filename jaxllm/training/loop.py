@@ -117,6 +117,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                 writer.close()
                 bar.close()
                 good = ckpt.latest_step()
+                ckpt.close()
                 raise NonFiniteLossError(
                     f"loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
                     f"training stopped. The last good checkpoint "
