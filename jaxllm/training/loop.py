@@ -114,10 +114,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             s, m = pending.pop(0)
             m = jax.device_get(m)
             if not bool(m["finite"]):
-                writer.close()
-                bar.close()
                 good = ckpt.latest_step()
-                ckpt.close()
                 raise NonFiniteLossError(
                     f"loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
                     f"training stopped. The last good checkpoint "
@@ -168,12 +165,12 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                 checkpoint_seconds += time.perf_counter() - t_ckpt
             tick = time.perf_counter()
         drain()
-    finally:
+    finally:  # one place releases the bar, the metric files and the checkpoint manager
         bar.close()
-    writer.close()
+        writer.close()
+        ckpt.close()
     train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
     nnx.update(model, state.trainable, state.frozen)
-    ckpt.close()
     return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
                        eval_seconds, checkpoint_seconds)
 
