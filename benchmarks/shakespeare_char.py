@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.torch_reference import NANOGPT_CPU_RECIPE, run_torch_reference  # noqa: E402
 from jaxllm.configfile import load_config  # noqa: E402
+from jaxllm.parallel import setup_cpu  # noqa: E402
 from jaxllm.data import TokenDataset, prepare  # noqa: E402
 from jaxllm.training.perf import measure_matmul_peak  # noqa: E402
 from jaxllm.training.pretrain import PretrainConfig, run_pretrain  # noqa: E402
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "shakespeare_char.json"))
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    setup_cpu()  # one JAX device per core, as `jaxllm pretrain` does
 
     recipe = dict(NANOGPT_CPU_RECIPE, max_iters=args.iters, lr_decay_iters=args.iters,
                   warmup_iters=min(NANOGPT_CPU_RECIPE["warmup_iters"], args.iters // 2))

@@ -17,10 +17,13 @@ def pytest_configure(config):
       hence here rather than in a fixture, and is exported so subprocesses share it;
     - LLVM's backend optimisation is turned off (unless XLA_FLAGS already sets it): it halves
       compile time, does not change float semantics (no fast-math), and tiny models gain nothing
-      from optimised loops. Both are read when the backend starts, before any test runs."""
+      from optimised loops. Both are read when the backend starts, before any test runs.
+    - 8 host CPU devices, so data-parallel code runs on a mesh in every training test (a batch of 4
+      splits over 4 devices), as it does through the CLI on a multi-core machine."""
     global _CACHE_DIR
-    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    for flag in ("--xla_backend_optimization_level=0", "--xla_force_host_platform_device_count=8"):
+        if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     _CACHE_DIR = tempfile.mkdtemp(prefix="jaxllm-xla-cache-")
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

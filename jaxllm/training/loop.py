@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxllm import parallel
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter
 from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
@@ -29,6 +30,7 @@ class LoopConfig:
     out_dir: str = "runs/default"
     batch_size: int = 12            # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
+    devices: int = 0                # data-parallel devices; 0: as many as split batch_size evenly
     max_iters: int = 2000
     eval_interval: int = 250        # 0: evaluate only at the end
     log_interval: int = 10
@@ -71,10 +73,12 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
     batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis.
-    make_eval(graphdef) returns evaluate(state) -> {"val_loss": ...}.
+    make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
+    data-parallel mesh the state lives on (None on one device).
     on_start() runs once the run directory is known good (e.g. to save the tokenizer there).
     """
     optimizer = make_optimizer(optim)
+    mesh = parallel.data_mesh(loop.batch_size, loop.devices)
     ckpt = _prepare_run_dir(loop)
     start = 0
     if loop.resume and ckpt.latest_step() is not None:
@@ -87,11 +91,13 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
         restored = jax.device_put(restored)  # uncommitted like a fresh state: no recompilation
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
+    if mesh is not None:  # placed once; the step's outputs keep this placement
+        state = jax.device_put(state, parallel.replicated(mesh))
     if on_start is not None:
         on_start()
 
-    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim))
-    evaluate = make_eval(graphdef) if make_eval is not None else None
+    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh)
+    evaluate = make_eval(graphdef, mesh) if make_eval is not None else None
     peak = loop.peak_flops or measure_matmul_peak()
     writer = MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard,
                            resume_step=start if loop.resume else None)
@@ -170,7 +176,10 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         writer.close()
         ckpt.close()
     train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
-    nnx.update(model, state.trainable, state.frozen)
+    trainable, frozen = state.trainable, state.frozen
+    if mesh is not None:  # back to one device, so later inference does not run once per device
+        trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
+    nnx.update(model, trainable, frozen)
     return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
                        eval_seconds, checkpoint_seconds)
 

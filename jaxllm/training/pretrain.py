@@ -109,8 +109,8 @@ def resolve_model_config(section, data_vocab_size: int) -> GPTConfig:
 
 
 def make_val_evaluator(ds: TokenDataset, block_size: int, batch_size: int, max_batches: int | None):
-    def make_eval(graphdef):
-        eval_step = make_eval_step(graphdef, lm_loss_fn)
+    def make_eval(graphdef, mesh=None):
+        eval_step = make_eval_step(graphdef, lm_loss_fn, mesh)
 
         def evaluate(state):
             total, count = 0.0, 0.0

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxllm import parallel
 from jaxllm.losses import IGNORE_INDEX, cross_entropy_sum
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array]]
@@ -43,8 +44,11 @@ def lm_loss_fn(model, batch, key):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    lr_fn: Callable | None = None):
+                    lr_fn: Callable | None = None, mesh=None):
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
+
+    With a `mesh` (see `jaxllm.parallel.data_mesh`) the state must be replicated on it; the rows
+    of each micro-batch (axis 1) are split across its devices and XLA adds the gradient all-reduce.
 
     `key` is the run's base key; the step's own dropout key is derived from it and `state.step`
     inside the compiled program, so resuming needs no key state (and no per-step host work).
@@ -100,18 +104,25 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
             metrics["lr"] = lr_fn(state.step)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    jitted = jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+    return lambda state, batch, key: jitted(state, parallel.shard_batch(batch, mesh, 1), key)
 
 
-def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn):
-    """Returns eval(state, batch) -> (loss_sum, count) with no dropout, jitted."""
+def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None):
+    """Returns eval(state, batch) -> (loss_sum, count) with no dropout, jitted.
+
+    With a `mesh`, batch rows (axis 0) are split across its devices."""
 
     def evaluate(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         return loss_fn(model, batch, None)
 
     jitted = jax.jit(evaluate)
-    return lambda state, batch: jitted(state.trainable, state.frozen, batch)
+    if mesh is None:
+        return lambda state, batch: jitted(state.trainable, state.frozen, batch)
+    return lambda state, batch: jitted(state.trainable, state.frozen, parallel.shard_batch(batch, mesh, 0))
 
 
 def mask_rows(y_BT, row_mask_B):

@@ -1,0 +1,98 @@
+"""Data parallelism: a 1-D device mesh, replicated train state, batches split along their rows.
+
+The same code serves several GPUs and a plain CPU. On CPU, XLA's intra-op threading keeps a
+second core only partly busy on small models; presenting every core as its own device
+(`setup_cpu()`, before JAX starts) and splitting each batch across them keeps all cores busy:
+the 4-layer, 128-wide nanoGPT recipe went from ~83 to ~57 ms per step on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+# Turning XLA:CPU's experimental YNNPACK fusions off made training steps 5-15% faster on the AVX2
+# CPUs we measured. XLA aborts on flags it does not know, so it is only set on the jaxlib versions
+# it was measured with.
+_CPU_SPEED_FLAGS = {"0.10.2": ("--xla_cpu_experimental_ynn_fusion_type=",)}
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume started, change nothing
+        return True
+
+
+def cpu_core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def setup_cpu(devices: int | None = None) -> bool:
+    """Expose `devices` CPU devices (default: one per core) and set the measured speed flags.
+
+    Call before the first JAX computation; XLA reads its flags once, when the backend starts.
+    Settings already in XLA_FLAGS win. Returns False (and changes nothing) if JAX has started.
+    """
+    if _backend_started():
+        return False
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if not any(f.startswith("--xla_force_host_platform_device_count") for f in flags):
+        flags.append(f"--xla_force_host_platform_device_count={devices or cpu_core_count()}")
+    import jaxlib
+    for flag in _CPU_SPEED_FLAGS.get(jaxlib.__version__, ()):
+        if not any(f.split("=")[0] == flag.split("=")[0] for f in flags):
+            flags.append(flag)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return True
+
+
+def data_mesh(batch_size: int, devices: int = 0) -> Mesh | None:
+    """A mesh over the devices that split `batch_size` rows evenly, or None for one device.
+
+    devices=0 picks the largest count of local devices that divides the batch; a positive count
+    is used as given (and must divide it).
+    """
+    available = jax.local_devices()
+    if devices < 0:
+        raise ValueError(f"train.devices must be >= 0 (0 = automatic), got {devices}")
+    if devices > len(available):
+        raise ValueError(
+            f"train.devices={devices} but JAX sees {len(available)} {available[0].platform} device(s); "
+            "on CPU, run through the jaxllm CLI (which exposes one device per core) or call "
+            "jaxllm.parallel.setup_cpu() before using JAX")
+    if devices == 0:
+        devices = max(n for n in range(1, len(available) + 1) if batch_size % n == 0)
+    elif batch_size % devices:
+        raise ValueError(f"train.batch_size={batch_size} does not split evenly over "
+                         f"train.devices={devices}; choose a batch size divisible by it")
+    if devices == 1:
+        return None
+    return Mesh(np.array(available[:devices]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch, mesh: Mesh, batch_axis: int):
+    """Place a batch on the mesh: leaves whose `batch_axis` splits evenly are split along it,
+    others (per-batch scalars, flags) are replicated."""
+    rows = NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), DATA_AXIS))
+    rep = replicated(mesh)
+
+    def place(leaf):
+        shape = np.shape(leaf)
+        split = len(shape) > batch_axis and shape[batch_axis] % mesh.size == 0
+        return jax.device_put(leaf, rows if split else rep)
+
+    return jax.tree.map(place, batch)
