@@ -30,8 +30,12 @@ def _batches(n, accum, rows, seed=0):
         yield seq[..., :-1], seq[..., 1:]
 
 
-def test_suite_sees_eight_host_devices():
+if jax.default_backend() == "cpu":
     assert len(jax.local_devices()) == 8, "tests/conftest.py should force 8 CPU devices"
+pytestmark = pytest.mark.skipif(
+    len(jax.local_devices()) < 8,
+    reason="needs 8 devices; on CPU tests/conftest.py forces them, on a GPU/TPU host JAX's devices "
+           "are the accelerators present")
 
 
 @pytest.mark.parametrize("batch, devices, expected", [(12, 0, 6), (8, 0, 8), (9, 0, 3), (11, 0, 1), (4, 2, 2), (4, 1, 1)])
