@@ -19,9 +19,12 @@ def pytest_configure(config):
       compile time, does not change float semantics (no fast-math), and tiny models gain nothing
       from optimised loops. Both are read when the backend starts, before any test runs.
     - 8 host CPU devices, so data-parallel code runs on a mesh in every training test (a batch of 4
-      splits over 4 devices), as it does through the CLI on a multi-core machine."""
+      splits over 4 devices), as it does through the CLI on a multi-core machine;
+    - deterministic GPU kernels (ignored on CPU): the embedding gradient is a scatter-add, which
+      XLA:GPU otherwise sums in a racy order, so a resumed run would match only to ~1e-7."""
     global _CACHE_DIR
-    for flag in ("--xla_backend_optimization_level=0", "--xla_force_host_platform_device_count=8"):
+    for flag in ("--xla_backend_optimization_level=0", "--xla_force_host_platform_device_count=8",
+                 "--xla_gpu_deterministic_ops=true"):
         if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     _CACHE_DIR = tempfile.mkdtemp(prefix="jaxllm-xla-cache-")
