@@ -121,6 +121,30 @@ def test_remat_gives_same_loss_and_grads_as_plain_backward(model):
 # --------------------------------------------------------------------------- config
 
 
+def test_fused_attention_is_chosen_only_where_cudnn_supports_it():
+    bf16 = GPTConfig.preset("gpt2", dtype="bfloat16")
+    assert bf16.fused_attention("gpu")
+    assert not bf16.fused_attention("cpu")
+    assert not GPTConfig.preset("gpt2").fused_attention("gpu")             # fp32: cuDNN has no kernel
+    assert not bf16.replace(dropout=0.1).fused_attention("gpu")            # no attention dropout there
+    assert not bf16.replace(attention="xla").fused_attention("gpu")
+    assert GPTConfig.preset("gpt2", attention="cudnn").fused_attention("cpu")  # asked for: used
+    with pytest.raises(ValueError, match="attention='cudnn' needs dropout=0"):
+        GPTConfig.preset("gpt2", attention="cudnn", dropout=0.1)
+    with pytest.raises(ValueError, match="GPTConfig.attention='flash' is not supported"):
+        GPTConfig.preset("gpt2", attention="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_einsum_attention_on_gpu():
+    cfg = GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=128, dtype="bfloat16")
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 64)
+    fused = GPT(cfg.replace(attention="cudnn"), rngs=nnx.Rngs(0))
+    plain = GPT(cfg.replace(attention="xla"), rngs=nnx.Rngs(0))
+    a, b = np.asarray(fused(tokens), np.float32), np.asarray(plain(tokens), np.float32)
+    np.testing.assert_allclose(a, b, atol=3e-2)  # bf16 compute: both round differently
+
+
 def test_gpt2_preset_has_124_439_808_params_counted_and_built():
     cfg = GPTConfig.preset("gpt2")
     assert cfg.num_params() == 124_439_808
