@@ -2,6 +2,7 @@
 
 from jaxllm.config import PRESETS, GPTConfig
 from jaxllm.data import TokenDataset, load_text, prepare
+from jaxllm.interop import checkpoint_to_hf, from_hf, to_hf
 from jaxllm.losses import cross_entropy, next_token_loss
 from jaxllm.model import GPT, count_params
 from jaxllm.sampling import generate
@@ -11,6 +12,7 @@ from jaxllm.training.checkpoint import load_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "TokenDataset", "build_tokenizer", "count_params", "cross_entropy",
-    "generate", "load_checkpoint", "load_text", "load_tokenizer", "next_token_loss", "prepare",
+    "GPT", "GPTConfig", "PRESETS", "TokenDataset", "build_tokenizer", "checkpoint_to_hf", "count_params",
+    "cross_entropy", "from_hf", "generate", "load_checkpoint", "load_text", "load_tokenizer",
+    "next_token_loss", "prepare", "to_hf",
 ]

@@ -62,7 +62,7 @@ def test_data_parallel_steps_match_single_device_steps_with_dropout_and_accumula
     key = jax.random.key(3)
     for batch in _batches(3, accum=2, rows=8):
         single, m1 = step_1(single, batch, key)
-        sharded, m4 = step_4(sharded, batch, key)
+        sharded, m4 = step_4(sharded, parallel.shard_batch(batch, mesh, 1), key)
         np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded.trainable), jax.tree.leaves(single.trainable)):

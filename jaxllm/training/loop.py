@@ -139,7 +139,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
 
     try:
         for it in range(start, loop.max_iters):
-            batch = batch_fn(it)
+            batch = batch_fn(it) if mesh is None else parallel.shard_batch(batch_fn(it), mesh, 1)
             state, metrics = step_fn(state, batch, base_key)
             pending.append((it, metrics))
             drain(keep_last=1)  # one step stays in flight so the host never waits idle

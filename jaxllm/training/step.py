@@ -47,8 +47,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
                     lr_fn: Callable | None = None, mesh=None):
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
 
-    With a `mesh` (see `jaxllm.parallel.data_mesh`) the state must be replicated on it; the rows
-    of each micro-batch (axis 1) are split across its devices and XLA adds the gradient all-reduce.
+    With a `mesh` (see `jaxllm.parallel.data_mesh`) the state must be replicated on it and the
+    batch placed with `parallel.shard_batch(batch, mesh, 1)` (rows split across devices); XLA adds
+    the gradient all-reduce, and the new state stays replicated.
 
     `key` is the run's base key; the step's own dropout key is derived from it and `state.step`
     inside the compiled program, so resuming needs no key state (and no per-step host work).
@@ -106,8 +107,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
-    jitted = jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
-    return lambda state, batch, key: jitted(state, parallel.shard_batch(batch, mesh, 1), key)
+    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
 def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None):
