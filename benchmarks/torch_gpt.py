@@ -1,17 +1,20 @@
 """A plain PyTorch GPT-2 (nanoGPT-style): the PyTorch baseline for jaxllm's benchmarks and parity tests.
 
-Weights exchange with jaxllm through `state_as_numpy` / `load_state_from_numpy`, which use HF GPT-2
-names and HF's Conv1D orientation (in, out) -- the transpose of nn.Linear's (out, in).
+Weights exchange with jaxllm through `state_as_numpy` / `load_state_from_numpy` (or `from_jaxllm` /
+`to_jaxllm`), in HF GPT-2 names and HF's Conv1D orientation (in, out) -- the transpose of
+nn.Linear's (out, in). The name table is jaxllm's own (jaxllm.interop.hf.hf_tensor_specs), so jaxllm,
+this model and transformers' GPT2LMHeadModel all agree on one mapping.
 """
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from jaxllm.interop import hf
 
 
 @dataclass
@@ -119,33 +122,69 @@ class TorchGPT(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
 
-    # --- weight exchange in HF GPT-2 naming and Conv1D (in, out) orientation ---
+    # --- weight exchange: HF GPT-2 names and orientation, from jaxllm's one mapping table ---
+
+    def jaxllm_config(self):
+        """The jaxllm GPTConfig that computes the same function as this model."""
+        from jaxllm.config import GPTConfig
+
+        c = self.config
+        return GPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer,
+                         n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                         layer_norm_eps=c.layer_norm_eps)
 
     def _hf_named_tensors(self):
-        """(hf_name, tensor, is_linear_weight) for every stored tensor; the tied lm_head is omitted."""
+        """(hf_name, tensor, is_conv1d) for every stored tensor; the tied lm_head is omitted.
+
+        Parameter names are HF GPT-2's by construction; this checks them against the canonical
+        table (jaxllm.interop.hf.hf_tensor_specs) so the two can never drift apart.
+        """
+        specs = hf.hf_tensor_specs(self.jaxllm_config())
         out = []
         for name, p in self.named_parameters():  # named_parameters skips the tied lm_head.weight
-            is_linear = name.endswith(".weight") and any(
-                k in name for k in ("c_attn", "c_proj", "c_fc"))
-            out.append((name, p, is_linear))
+            spec = specs.get(name)
+            if spec is None:
+                raise RuntimeError(f"TorchGPT parameter {name} has no entry in jaxllm's HF mapping")
+            conv1d = hf.is_conv1d_weight(name)
+            shape = tuple(p.shape[::-1]) if conv1d else tuple(p.shape)
+            if shape != spec.shape:
+                raise RuntimeError(f"TorchGPT {name} is {shape} in HF orientation, the mapping says {spec.shape}")
+            out.append((name, p, conv1d))
         return out
 
     def state_as_numpy(self) -> dict:
-        return {name: (p.detach().T if is_linear else p.detach()).cpu().numpy().copy()
-                for name, p, is_linear in self._hf_named_tensors()}
+        return {name: (p.detach().T if conv1d else p.detach()).cpu().numpy().copy()
+                for name, p, conv1d in self._hf_named_tensors()}
 
     @torch.no_grad()
     def load_state_from_numpy(self, arrays: dict) -> None:
+        """Load HF-named arrays (`transformer.`-prefixed or bare), e.g. from jaxllm's model_to_hf_state."""
+        arrays = {hf.canonical_hf_name(n): a for n, a in arrays.items() if not hf.is_ignorable(n)}
         expected = self._hf_named_tensors()
-        missing = [n for n, _, _ in expected if n not in arrays]
-        # Tolerated extras: the tied head, and the causal-mask buffers some HF GPT-2 checkpoints carry.
-        ignorable = re.compile(r"^lm_head\.weight$|\.attn\.(bias|masked_bias)$")
-        unexpected = {n for n in set(arrays) - {n for n, _, _ in expected} if not ignorable.search(n)}
+        names = {n for n, _, _ in expected}
+        missing = [n for n in names if n not in arrays]
+        # A bias-free model accepts the all-zero biases jaxllm writes for HF (same function).
+        unexpected = {n for n in set(arrays) - names - {"lm_head.weight"}
+                      if not (not self.config.bias and n.endswith(".bias") and not np.any(arrays[n]))}
         if missing or unexpected:
-            raise KeyError(f"missing={missing} unexpected={sorted(unexpected)}")
-        for name, p, is_linear in expected:
-            t = torch.as_tensor(np.asarray(arrays[name]), dtype=p.dtype)
-            t = t.T if is_linear else t
+            raise KeyError(f"missing={sorted(missing)} unexpected={sorted(unexpected)}")
+        for name, p, conv1d in expected:
+            t = torch.tensor(np.asarray(arrays[name]), dtype=p.dtype)  # a copy: sources may be read-only
+            t = t.T if conv1d else t
             if t.shape != p.shape:
                 raise ValueError(f"{name}: got {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t)
+
+    @classmethod
+    def from_jaxllm(cls, model) -> "TorchGPT":
+        """A TorchGPT holding a jaxllm GPT's weights (dropout and dtype settings carried over)."""
+        c = model.config
+        torch_model = cls(TorchGPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer,
+                                         n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                                         layer_norm_eps=c.layer_norm_eps))
+        torch_model.load_state_from_numpy(hf.model_to_hf_state(model))
+        return torch_model
+
+    def to_jaxllm(self):
+        """A jaxllm GPT with this model's current weights."""
+        return hf.model_from_hf_state(self.state_as_numpy(), self.jaxllm_config(), source="TorchGPT")

@@ -327,10 +327,21 @@ class GPT2Tokenizer(Tokenizer):
 # --------------------------------------------------------------------------- loading
 
 
+def _hf_special(token) -> str | None:
+    """transformers writes a special token as its text or as {"content": text, ...}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
 def _from_config(directory: Path) -> Tokenizer:
     config_path = directory / CONFIG_NAME
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "kind" not in config and (directory / HF_FILE_NAME).is_file():
+            # A transformers save_pretrained directory: same file name, HF's own fields, no "kind".
+            return HFTokenizer(directory / HF_FILE_NAME, eos_token=_hf_special(config.get("eos_token")),
+                               pad_token=_hf_special(config.get("pad_token")))
         kind = config["kind"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path} is not a tokenizer config ({e}); save the tokenizer again") from e
