@@ -31,5 +31,9 @@ bench: install-dev
 bench-quick: install-dev
 	$(BIN)/python benchmarks/shakespeare_char.py --iters 200
 
+.PHONY: bench-decode
+bench-decode: install-dev
+	$(BIN)/python benchmarks/decode.py
+
 clean:
 	rm -rf runs data_cache

@@ -4,15 +4,15 @@ from jaxllm.config import PRESETS, GPTConfig
 from jaxllm.data import TokenDataset, load_text, prepare
 from jaxllm.interop import checkpoint_to_hf, from_hf, to_hf
 from jaxllm.losses import cross_entropy, next_token_loss
-from jaxllm.model import GPT, count_params
-from jaxllm.sampling import generate
+from jaxllm.model import GPT, KVCache, count_params
+from jaxllm.sampling import generate, sample_with_strategy, stream
 from jaxllm.tokenizer import build_tokenizer, load_tokenizer
 from jaxllm.training.checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "TokenDataset", "build_tokenizer", "checkpoint_to_hf", "count_params",
-    "cross_entropy", "from_hf", "generate", "load_checkpoint", "load_text", "load_tokenizer",
-    "next_token_loss", "prepare", "to_hf",
+    "GPT", "GPTConfig", "KVCache", "PRESETS", "TokenDataset", "build_tokenizer", "checkpoint_to_hf",
+    "count_params", "cross_entropy", "from_hf", "generate", "load_checkpoint", "load_text",
+    "load_tokenizer", "next_token_loss", "prepare", "sample_with_strategy", "stream", "to_hf",
 ]

@@ -46,25 +46,47 @@ def _cmd_pretrain(args) -> None:
 def _cmd_sample(args) -> None:
     import jax
     import numpy as np
-
-    from jaxllm.sampling import generate
+    from jaxllm.logits_processors import validate_strategy
+    from jaxllm.sampling import generate, stream
     from jaxllm.training.checkpoint import load_checkpoint
 
-    model, cfg, tok, _ = load_checkpoint(args.ckpt, args.step)
+    strategy = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty)
+    try:
+        validate_strategy(**strategy)
+    except ValueError as e:  # name the flag, not the Python argument
+        name = str(e).split()[0]
+        raise ValueError(f"--{name.replace('_', '-')}{str(e)[len(name):]}") from None
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, _, tok, _ = load_checkpoint(args.ckpt, args.step)
     if tok is None:
         raise FileNotFoundError(f"{args.ckpt}/tokenizer is missing; the run directory is incomplete")
-    prompt = tok.encode(args.prompt)
-    if not prompt:
-        prompt = [tok.eos_id if tok.eos_id is not None else 0]
-    prompt = np.asarray([prompt] * args.num_samples)
-    if prompt.shape[1] > cfg.block_size:
-        prompt = prompt[:, -cfg.block_size:]  # keep the end of a long prompt, as the model would
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, key=jax.random.key(args.seed))
-    for i, row in enumerate(np.asarray(out)):
+    prompt = tok.encode(args.prompt) or [tok.eos_id if tok.eos_id is not None else 0]
+    key = jax.random.key(args.seed)
+    if args.stream:  # one sample at a time, each printed as its tokens arrive
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i} ---")
+            print(tok.decode(prompt), end="", flush=True)
+            # sample 0 uses the seed's key as is: the same text as without --stream
+            key_i = key if i == 0 else jax.random.fold_in(key, i)
+            for piece in stream(model, tok, prompt, args.max_new_tokens, key=key_i, **strategy):
+                print(piece, end="", flush=True)
+            print()
+        return
+    # all samples in one batched call; each row draws its own randomness
+    out = generate(model, np.asarray([prompt] * args.num_samples), args.max_new_tokens, eos_id=tok.eos_id,
+                   key=key, **strategy)
+    for i, row in enumerate(np.asarray(out).tolist()):
+        new = row[len(prompt):]
+        if tok.eos_id is not None and tok.eos_id in new:
+            new = new[:new.index(tok.eos_id)]  # the rest is padding
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
-        print(tok.decode(row))
+        print(tok.decode(prompt + new))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ps.add_argument("--prompt", default="\n")
     ps.add_argument("--max-new-tokens", type=int, default=200)
-    ps.add_argument("--temperature", type=float, default=0.8)
-    ps.add_argument("--top-k", type=int, default=0)
-    ps.add_argument("--num-samples", type=int, default=1)
+    ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ps.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    ps.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass >= p (1 = off)")
+    ps.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    ps.add_argument("--repetition-penalty", type=float, default=1.0, help="HF/CTRL penalty on seen tokens (1 = off)")
+    ps.add_argument("--num-samples", type=int, default=1, help="samples, generated as one batch")
+    ps.add_argument("--stream", action="store_true", help="print text as it is generated")
     ps.add_argument("--seed", type=int, default=0)
     ps.set_defaults(func=_cmd_sample)
     return p
@@ -108,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "pretrain" or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.settings += extra
+    from jaxllm import parallel
     from jaxllm.training.loop import NonFiniteLossError
+
+    parallel.setup_cpu()  # one JAX device per core, before JAX starts (see jaxllm/parallel.py)
 
     try:
         args.func(args)

@@ -9,11 +9,15 @@ Extension points for later stages:
   can wrap it by name;
 - `features()` returns the final hidden states, so scalar heads (reward, value) sit on top;
 - attention takes explicit positions and a mask, so left-padded batches, packed segments, prefixes
-  and a KV cache only change what is passed in.
+  and a KV cache only change what is passed in;
+- `KVCache` is a plain pytree of fixed size: prefill and decode write into it with
+  `model(tokens, cache=cache)`, and `KVCache.append_kv` lets learned per-layer prefixes (prefix
+  tuning) occupy slots that every later token attends to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -24,6 +28,7 @@ from jaxllm.config import GPTConfig
 
 _INIT_STD = 0.02
 _MASK_VALUE = -1e30  # finite, so a fully-masked row (a padding query) gives no NaN
+_FEW_ROWS = 64       # up to this many rows the LM head takes its decode-friendly form
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -59,21 +64,93 @@ def make_attention_mask(attention_mask: jax.Array | None, T: int) -> jax.Array:
     raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got shape {attention_mask.shape}")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for a fixed number of slots, as a plain pytree.
+
+    Shapes never change: a prefill writes T slots, each decode step writes one, so a decode loop
+    compiles once. Slots are shared by the batch (row b's token t sits in slot `length + t` for
+    every row); `valid` marks which slots a query may attend to (left padding is invalid), and
+    `next_pos` keeps each row's next position, so a left-padded row counts positions from its
+    first real token. Slots not tied to a position (learned prefixes) go in with `append_kv`.
+    """
+
+    k: tuple[jax.Array, ...]   # per layer (B*H, hd, S), compute dtype: the layout attention reads
+    v: tuple[jax.Array, ...]   # per layer (B*H, S, hd)
+    valid: jax.Array           # (B, S) bool
+    length: jax.Array          # int32 scalar: slots [0, length) are written
+    next_pos: jax.Array        # (B,) int32
+
+    @classmethod
+    def init(cls, cfg: GPTConfig, batch_size: int, max_len: int) -> "KVCache":
+        if max_len <= 0 or batch_size <= 0:
+            raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
+        B, S, H, hd = batch_size, max_len, cfg.n_head, cfg.head_dim
+        k = tuple(jnp.zeros((B * H, hd, S), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        v = tuple(jnp.zeros((B * H, S, hd), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        return cls(k=k, v=v, valid=jnp.zeros((B, S), bool),
+                   length=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch_size,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def append_kv(self, k_LBnHd: jax.Array, v_LBnHd: jax.Array) -> "KVCache":
+        """Write n slots of per-layer keys/values (n_layer, B or 1, n, H, hd) that every later query
+        attends to, without advancing positions: the hook for prefix tuning's learned prefixes."""
+        k_LBnHd, v_LBnHd = jnp.asarray(k_LBnHd), jnp.asarray(v_LBnHd)
+        L, (B, S) = len(self.k), self.valid.shape
+        H, hd = self.k[0].shape[0] // B, self.k[0].shape[1]
+        if k_LBnHd.ndim != 5 or k_LBnHd.shape != v_LBnHd.shape or k_LBnHd.shape[0] != L \
+                or k_LBnHd.shape[1] not in (1, B) or k_LBnHd.shape[3:] != (H, hd):
+            raise ValueError(f"append_kv needs k and v of shape (n_layer={L}, {B} or 1, n, {H}, {hd}), "
+                             f"got {k_LBnHd.shape} and {v_LBnHd.shape}")
+        n = k_LBnHd.shape[2]
+        if n > S:
+            raise ValueError(f"append_kv of {n} slots does not fit a cache of max_len {S}")
+
+        def put(cache, new_BnHd, perm, at):
+            new = jnp.broadcast_to(new_BnHd, (B, n, H, hd)).transpose(perm)
+            return jax.lax.dynamic_update_slice(cache, new.reshape(B * H, *new.shape[2:]).astype(cache.dtype), at)
+
+        start = self.length
+        return dataclasses.replace(
+            self, k=tuple(put(c, x, (0, 2, 3, 1), (0, 0, start)) for c, x in zip(self.k, k_LBnHd)),
+            v=tuple(put(c, x, (0, 2, 1, 3), (0, start, 0)) for c, x in zip(self.v, v_LBnHd)),
+            valid=jax.lax.dynamic_update_slice(self.valid, jnp.ones((B, n), bool), (0, start)),
+            length=start + n)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         d = cfg.n_embd
         self.n_head, self.head_dim, self.dropout_rate = cfg.n_head, cfg.head_dim, cfg.dropout
         self.dtype = cfg.compute_dtype
+        self.fused = cfg.fused_attention(jax.default_backend())
         common = dict(use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.c_attn = nnx.Linear(d, 3 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
         resid_std = _INIT_STD / math.sqrt(2 * cfg.n_layer)
         self.c_proj = nnx.Linear(d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
 
     def __call__(self, x_ND: jax.Array, B: int, T: int, mask_BTT: jax.Array,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, kv=None):
+        """Without `kv`: keys are this call's T tokens, returns y (B*T, D). With
+        `kv=(k_NdS, v_NSd, start)` (N = B*H): this call's keys/values are written into the cache
+        at slots [start, start+T), queries attend over all S slots (`mask_BTT` is then (B, T, S)),
+        and it returns (y, (k_NdS, v_NSd))."""
         H, hd = self.n_head, self.head_dim
         qkv = self.c_attn(x_ND).reshape(B, T, 3, H, hd)
         q_BTHd, k_BTHd, v_BTHd = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if kv is not None:
+            return self._attend_cached(q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTT, dropout_key, kv)
+        if mask_BTT is None and self.fused:  # plain causal: cuDNN's flash attention, never (T, T) in memory
+            y_BTHd = jax.nn.dot_product_attention(q_BTHd, k_BTHd, v_BTHd, is_causal=True,
+                                                  implementation="cudnn")
+            return dropout(self.c_proj(y_BTHd.reshape(B * T, H * hd)), self.dropout_rate,
+                           _fold(dropout_key, 1))
+        if mask_BTT is None:
+            mask_BTT = make_attention_mask(None, T)
         scores_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHd, k_BTHd) / math.sqrt(hd)
         scores_BHTT = jnp.where(mask_BTT[:, None], scores_BHTT.astype(jnp.float32), _MASK_VALUE)
         probs_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(self.dtype)
@@ -81,6 +158,27 @@ class CausalSelfAttention(nnx.Module):
         y_BTHd = jnp.einsum("bhqk,bkhd->bqhd", probs_BHTT, v_BTHd)
         y_ND = self.c_proj(y_BTHd.reshape(B * T, H * hd))
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1))
+
+    def _attend_cached(self, q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTS, dropout_key, kv):
+        # The cache is stored in the layouts the two matmuls read, batch and heads merged: K as
+        # (B*H, hd, S), V as (B*H, S, hd). Any other layout (or a reshape between cache and
+        # matmul) makes XLA:CPU copy or transpose the whole cache every step. For the same reason
+        # the matmuls read the cache after this call's slots are written into it.
+        H, hd = self.n_head, self.head_dim
+        k_cache, v_cache, start = kv
+        k_new = k_BTHd.transpose(0, 2, 3, 1).reshape(B * H, hd, T).astype(k_cache.dtype)
+        v_new = v_BTHd.transpose(0, 2, 1, 3).reshape(B * H, T, hd).astype(v_cache.dtype)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, start))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, start, 0))
+        q_NTd = q_BTHd.transpose(0, 2, 1, 3).reshape(B * H, T, hd)
+        scores_NTS = jnp.einsum("ntd,nds->nts", q_NTd, k_cache.astype(self.dtype)) / math.sqrt(hd)
+        scores_BHTS = scores_NTS.reshape(B, H, T, -1)
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _MASK_VALUE)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
+        probs_BHTS = dropout(probs_BHTS, self.dropout_rate, _fold(dropout_key, 0))
+        y_NTd = jnp.einsum("nts,nsd->ntd", probs_BHTS.reshape(B * H, T, -1), v_cache.astype(self.dtype))
+        y_ND = self.c_proj(y_NTd.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd))
+        return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1)), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -109,9 +207,12 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_ND, B, T, mask_BTT, dropout_key=None):
-        x_ND = x_ND + self.attn(self.ln_1(x_ND), B, T, mask_BTT, _fold(dropout_key, 0))
-        return x_ND + self.mlp(self.ln_2(x_ND), _fold(dropout_key, 1))
+    def __call__(self, x_ND, B, T, mask_BTT, dropout_key=None, kv=None):
+        a = self.attn(self.ln_1(x_ND), B, T, mask_BTT, _fold(dropout_key, 0), kv)
+        a_ND, new_kv = (a, None) if kv is None else a
+        x_ND = x_ND + a_ND
+        x_ND = x_ND + self.mlp(self.ln_2(x_ND), _fold(dropout_key, 1))
+        return x_ND if kv is None else (x_ND, new_kv)
 
 
 class GPT(nnx.Module):
@@ -127,8 +228,13 @@ class GPT(nnx.Module):
         self.ln_f = _layer_norm(cfg, rngs)
 
     def features(self, tokens_BT: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Final hidden states (B, T, D) after `ln_f`: the input to the LM head or a scalar head."""
+                 positions: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        """Final hidden states (B, T, D) after `ln_f`: the input to the LM head or a scalar head.
+
+        With `cache`, the T tokens are appended to it (keys attend to everything already cached),
+        positions default to each row's `next_pos` counting only tokens where `attention_mask` is
+        1, and the result is (hidden states, updated cache)."""
         cfg = self.config
         tokens_BT = jnp.asarray(tokens_BT)
         if tokens_BT.ndim != 2:
@@ -136,12 +242,15 @@ class GPT(nnx.Module):
         B, T = tokens_BT.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}; crop the input")
+        if cache is not None:
+            return self._features_cached(tokens_BT, attention_mask, positions, dropout_key, cache)
         if positions is None:
             positions = jnp.arange(T)[None, :]
         positions = jnp.broadcast_to(positions, (B, T))
         x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
         x_ND = dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
-        mask_BTT = make_attention_mask(attention_mask, T)
+        # None means plain causal: attention may then use a fused kernel that builds no mask
+        mask_BTT = None if attention_mask is None else make_attention_mask(attention_mask, T)
         for i, block in enumerate(self.h):
             key = _fold(dropout_key, i)
             if cfg.remat:
@@ -150,17 +259,67 @@ class GPT(nnx.Module):
                 x_ND = block(x_ND, B, T, mask_BTT, key)
         return self.ln_f(x_ND).reshape(B, T, cfg.n_embd)
 
+    def _features_cached(self, tokens_BT, attention_mask, positions, dropout_key, cache: KVCache):
+        cfg = self.config
+        B, T = tokens_BT.shape
+        if cache.valid.shape[0] != B:
+            raise ValueError(f"the cache holds {cache.valid.shape[0]} rows but tokens have {B}; "
+                             f"make the cache with KVCache.init(cfg, batch_size={B}, ...)")
+        if T > cache.max_len:
+            raise ValueError(f"{T} tokens do not fit a cache of max_len {cache.max_len}")
+        if attention_mask is None:
+            real_BT = jnp.ones((B, T), bool)
+        else:
+            real_BT = jnp.asarray(attention_mask)
+            if real_BT.shape != (B, T):
+                raise ValueError(f"with a cache, attention_mask must be (B, T) = {(B, T)} (1 = real "
+                                 f"token, 0 = padding), got shape {real_BT.shape}")
+            real_BT = real_BT.astype(bool)
+        if positions is None:  # padding takes no position: a left-padded row starts at next_pos
+            positions = cache.next_pos[:, None] + jnp.cumsum(real_BT, axis=1, dtype=jnp.int32) - 1
+            positions = jnp.maximum(positions, 0)
+        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, T))
+        start = cache.length
+        valid_BS = jax.lax.dynamic_update_slice(cache.valid, real_BT, (0, start))
+        # slot s holds the token fed (s - start)-th in this call; causal order is slot order
+        slot_S = jnp.arange(cache.max_len)
+        mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= start + jnp.arange(T)[None, :, None])
+        x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
+        x_ND = dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
+        ks, vs = [], []
+        for i, block in enumerate(self.h):
+            x_ND, (k, v) = block(x_ND, B, T, mask_BTS, _fold(dropout_key, i),
+                                 kv=(cache.k[i], cache.v[i], start))
+            ks.append(k)
+            vs.append(v)
+        next_pos = jnp.maximum(cache.next_pos, jnp.max(jnp.where(real_BT, positions + 1, 0), axis=1))
+        new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_BS, length=start + T, next_pos=next_pos)
+        return self.ln_f(x_ND).reshape(B, T, cfg.n_embd), new_cache
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for `batch_size` rows and `max_len` slots (prompt + generated + prefix)."""
+        return KVCache.init(self.config, batch_size, max_len)
+
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """The LM head, tied to the token embedding."""
         B, T, D = h_BTD.shape
         wte = self.wte.embedding[...].astype(self.config.compute_dtype)
+        if B * T <= _FEW_ROWS:
+            # Decoding: as (V, D) @ (D, rows), XLA:CPU reads wte in place; h @ wte.T with few rows
+            # becomes a vector-matrix product that first copies a transposed wte (154 MB for GPT-2).
+            return (wte @ h_BTD.reshape(B * T, D).T).T.reshape(B, T, -1)
         return (h_BTD.reshape(B * T, D) @ wte.T).reshape(B, T, -1)
 
     def __call__(self, tokens_BT: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
-        """int tokens (B, T) -> logits (B, T, vocab_size)."""
-        return self.logits(self.features(tokens_BT, attention_mask=attention_mask,
-                                         positions=positions, dropout_key=dropout_key))
+                 positions: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        """int tokens (B, T) -> logits (B, T, vocab_size); with `cache`: (logits, updated cache)."""
+        out = self.features(tokens_BT, attention_mask=attention_mask, positions=positions,
+                            dropout_key=dropout_key, cache=cache)
+        if cache is None:
+            return self.logits(out)
+        h_BTD, new_cache = out
+        return self.logits(h_BTD), new_cache
 
 
 def count_params(model: nnx.Module, filter=nnx.Param) -> int:

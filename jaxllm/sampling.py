@@ -1,68 +1,330 @@
-"""Sampling from a GPT: the whole decode loop is one compiled `lax.fori_loop`.
+"""Generation from a GPT: prefill the prompt into a KV cache, then decode one token per step.
 
-This version recomputes the forward pass over a fixed window of `block_size` tokens at each step
-(no KV cache yet), so shapes never change and it compiles once per (batch, prompt length,
-max_new_tokens) combination.
+Prefill and the whole decode loop are ONE compiled function (`lax.while_loop`s over a fixed-size
+KVCache and token buffer), recompiled only when the batch, the prompt width, `max_new_tokens`, the
+set of strategies in use, top_k or custom processors change: temperature, top_p, min_p, the
+repetition penalty and the eos/pad ids are arguments of the compiled loop, not constants in it.
+
+Semantics, chosen once and relied on by tests:
+- Batched prompts of different lengths are left-padded; padding takes no position and no
+  attention, so a row gets the tokens it would get alone.
+- A prompt longer than `block_size` is cropped from the left (its last `block_size` tokens).
+- When prompt + new tokens outgrow `block_size`, generation slides as nanoGPT does: each further
+  token is predicted from the last `block_size` tokens at positions 0..block_size-1. GPT-2's
+  learned positions move with the window, so no cached key stays valid: those steps recompute a
+  full window (much slower per token). Keep prompt + max_new_tokens <= block_size + 1 to stay on
+  the cached path.
+- Row b's sampling key at step i is fold_in(fold_in(key, i), b): steps, chunks (streaming) and
+  batch size do not change the randomness of a given (step, row).
+- `return_logprobs` gives log p(token) under the model's RAW distribution (softmax of the
+  unprocessed logits: no temperature, truncation or penalty), which is what PPO's ratio needs;
+  positions after a row's EOS get 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxllm.logits_processors import (apply_processors, build_processors, needs_seen, sample_with_strategy,
+                                      seen_from_tokens)
 
-def _filter_logits(logits_BV: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    logits_BV = logits_BV.astype(jnp.float32) / temperature
-    if top_k and top_k < logits_BV.shape[-1]:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-    return logits_BV
+__all__ = ["decode_stream", "generate", "generate_chunks", "prepare_prompts", "sample_with_strategy", "stream"]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
-def _generate(graphdef, state, prompt_BP, key, *, max_new_tokens: int, temperature: float, top_k: int):
-    model = nnx.merge(graphdef, state)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static settings of one compiled decode (hashable: a jit static argument). The dynamic ones
+    travel in the decode state as `settings`: built-in processors, eos id (-1: none), pad id."""
+
+    max_new_tokens: int
+    n_cached: int          # new tokens produced while every position fits the cache
+    greedy: bool
+    custom: tuple          # the caller's logits_processors, applied after the built-in ones
+    vocab_size: int
+
+
+def _plan(model, P: int, max_new_tokens: int, greedy: bool, custom) -> _Plan:
     block = model.config.block_size
+    # Feeding the token at slot s needs position s <= block - 1; the prefill gives the first token.
+    n_cached = min(max_new_tokens, block - P + 1)
+    return _Plan(max_new_tokens, n_cached, bool(greedy), tuple(custom), model.config.vocab_size)
+
+
+def _choose(plan: _Plan, logits_BV, st: dict):
+    """Pick the token of step st["i"] for every row and write it, its logprob and EOS state."""
+    B = logits_BV.shape[0]
+    logits_BV = logits_BV.astype(jnp.float32)
+    settings = st["settings"]
+    processed_BV = apply_processors(settings["processors"] + plan.custom, logits_BV, st["seen"])
+    if plan.greedy:
+        tok_B = jnp.argmax(processed_BV, axis=-1).astype(jnp.int32)
+    else:
+        step_key = jax.random.fold_in(st["key"], st["i"])
+        keys_B = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(B))
+        tok_B = jax.vmap(jax.random.categorical)(keys_B, processed_BV).astype(jnp.int32)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+    done_B = st["done"]
+    tok_B = jnp.where(done_B, settings["pad"], tok_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    P = st["buf"].shape[1] - plan.max_new_tokens
+    st = dict(st, buf=jax.lax.dynamic_update_slice(st["buf"], tok_B[:, None], (0, P + st["i"])),
+              logp=jax.lax.dynamic_update_slice(st["logp"], logp_B[:, None], (0, st["i"])),
+              done=done_B | (tok_B == settings["eos"]), i=st["i"] + 1)
+    if st["seen"] is not None:
+        st["seen"] = st["seen"].at[jnp.arange(B), tok_B].set(True)
+    return st
+
+
+def _prefill(model, plan: _Plan, prompt_BP, real_BP, key, settings) -> dict:
     B, P = prompt_BP.shape
-    total = max(P + max_new_tokens, block)
-    buf_BL = jnp.zeros((B, total), prompt_BP.dtype).at[:, :P].set(prompt_BP)
+    cache = model.init_cache(B, P + max(plan.n_cached - 1, 0))
+    h_BPD, cache = model.features(prompt_BP, attention_mask=real_BP, cache=cache)
+    logits_BV = model.logits(h_BPD[:, -1:])[:, 0]  # left padding: the last column is real in every row
+    st = dict(
+        buf=jnp.full((B, P + plan.max_new_tokens), settings["pad"], jnp.int32).at[:, :P].set(prompt_BP),
+        logp=jnp.zeros((B, plan.max_new_tokens), jnp.float32),
+        done=jnp.zeros((B,), bool), i=jnp.zeros((), jnp.int32), key=key,
+        pad_B=(P - jnp.sum(real_BP, axis=1)).astype(jnp.int32),
+        seen=(seen_from_tokens(prompt_BP, plan.vocab_size, real_BP)
+              if needs_seen(settings["processors"] + plan.custom) else None),
+        settings=settings, cache=cache)
+    return _choose(plan, logits_BV, st)
 
-    def body(i, carry):
-        buf_BL, key = carry
-        cur = P + i                               # tokens known so far
-        start = jnp.maximum(cur - block, 0)       # crop from the left past block_size
-        window_BT = jax.lax.dynamic_slice(buf_BL, (0, start), (B, block))
-        logits_BTV = model(window_BT)              # causal: tokens right of cur do not matter
-        last_BV = jax.lax.dynamic_index_in_dim(logits_BTV, cur - 1 - start, axis=1, keepdims=False)
-        if temperature == 0.0:
-            nxt_B = jnp.argmax(last_BV, axis=-1)
+
+def _cached_step(model, plan: _Plan, st: dict) -> dict:
+    P = st["buf"].shape[1] - plan.max_new_tokens
+    B = st["buf"].shape[0]
+    last_B1 = jax.lax.dynamic_slice(st["buf"], (0, P + st["i"] - 1), (B, 1))
+    h_B1D, cache = model.features(last_B1, cache=st["cache"])
+    return _choose(plan, model.logits(h_B1D)[:, 0], dict(st, cache=cache))
+
+
+def _sliding_step(model, plan: _Plan, st: dict) -> dict:
+    """nanoGPT's window: the last block_size tokens of each row, at positions from 0."""
+    W = model.config.block_size
+    B, L = st["buf"].shape
+    cur = L - plan.max_new_tokens + st["i"]          # tokens known; > W on this path
+    window_BW = jax.lax.dynamic_slice(st["buf"], (0, cur - W), (B, W))
+    real_BW = (cur - W + jnp.arange(W))[None, :] >= st["pad_B"][:, None]
+    positions_BW = jnp.maximum(jnp.cumsum(real_BW, axis=1, dtype=jnp.int32) - 1, 0)
+    h_BWD = model.features(window_BW, attention_mask=real_BW, positions=positions_BW)
+    return _choose(plan, model.logits(h_BWD[:, -1:])[:, 0], st)
+
+
+def _decode(model, plan: _Plan, st: dict, stop) -> dict:
+    """Steps st["i"] .. stop-1 (fewer if every row has finished)."""
+    def running(limit):
+        return lambda s: (s["i"] < limit) & ~jnp.all(s["done"])
+
+    st = jax.lax.while_loop(running(jnp.minimum(stop, plan.n_cached)),
+                            functools.partial(_cached_step, model, plan), st)
+    if plan.max_new_tokens > plan.n_cached:
+        cache = st.pop("cache")
+        st = jax.lax.while_loop(running(stop), functools.partial(_sliding_step, model, plan), st)
+        st["cache"] = cache
+    return st
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _generate_jit(graphdef, state, prompt_BP, real_BP, key, settings, *, plan):
+    model = nnx.merge(graphdef, state)
+    st = _decode(model, plan, _prefill(model, plan, prompt_BP, real_BP, key, settings), plan.max_new_tokens)
+    return st["buf"], st["logp"]
+
+
+# Streaming runs the same prefill and steps, in chunks; the non-streaming path above is untouched.
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _prefill_jit(graphdef, state, prompt_BP, real_BP, key, settings, *, plan):
+    return _prefill(nnx.merge(graphdef, state), plan, prompt_BP, real_BP, key, settings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("st",))
+def _decode_jit(graphdef, state, st, stop, *, plan):
+    return _decode(nnx.merge(graphdef, state), plan, st, stop)
+
+
+def _is_ragged(prompt_ids) -> bool:
+    return (isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0
+            and all(isinstance(r, (list, tuple, np.ndarray)) for r in prompt_ids))
+
+
+def prepare_prompts(prompt_ids, block_size: int, pad_id: int = 0, prompt_mask=None):
+    """-> (tokens_BP, real_BP, squeeze): int32 and bool numpy arrays, left-padded.
+
+    `prompt_ids` is (P,), (B, P), or a list of int lists of any lengths (left-padded here).
+    `prompt_mask` (B, P), 1 = real token, describes an already left-padded (B, P) array."""
+    if _is_ragged(prompt_ids):
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask is for a padded (B, P) array; a list of lists is padded here")
+        rows = [np.asarray(r, np.int64).reshape(-1) for r in prompt_ids]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError(f"prompt {[len(r) for r in rows].index(0)} is empty; give at least one "
+                             f"token (e.g. a newline or EOS)")
+        P = max(len(r) for r in rows)
+        tokens = np.full((len(rows), P), pad_id, np.int64)
+        real = np.zeros((len(rows), P), bool)
+        for b, r in enumerate(rows):
+            tokens[b, P - len(r):], real[b, P - len(r):] = r, True
+        squeeze = False
+    else:
+        tokens = np.asarray(prompt_ids)
+        if tokens.dtype == object or not (tokens.size == 0 or np.issubdtype(tokens.dtype, np.integer)):
+            raise ValueError("prompt_ids must be int ids: (P,), (B, P) or a list of int lists")
+        squeeze = tokens.ndim == 1
+        tokens = tokens[None] if squeeze else tokens
+        if tokens.ndim != 2:
+            raise ValueError(f"prompt_ids must be (P,), (B, P) or a list of int lists, got shape {tokens.shape}")
+        if tokens.shape[1] == 0:
+            raise ValueError("the prompt is empty; give at least one token (e.g. a newline or EOS)")
+        if prompt_mask is None:
+            real = np.ones(tokens.shape, bool)
         else:
-            key, sub = jax.random.split(key)
-            nxt_B = jax.random.categorical(sub, _filter_logits(last_BV, temperature, top_k))
-        buf_BL = jax.lax.dynamic_update_slice(buf_BL, nxt_B[:, None].astype(buf_BL.dtype), (0, cur))
-        return buf_BL, key
+            real = np.asarray(prompt_mask).astype(bool).reshape(tokens.shape) \
+                if np.size(prompt_mask) == tokens.size else None
+            if real is None:
+                raise ValueError(f"prompt_mask must have the prompt's shape {tokens.shape}")
+            if not real[:, -1].all() or (np.diff(real.astype(np.int8), axis=1) < 0).any():
+                raise ValueError("prompt_mask must describe left padding (each row: 0s, then 1s, "
+                                 "ending with a real token); or pass a list of int lists and let "
+                                 "generate pad them")
+    if tokens.shape[1] > block_size:  # crop from the left: the model sees at most block_size tokens
+        tokens, real = tokens[:, -block_size:], real[:, -block_size:]
+    return tokens.astype(np.int32), real, squeeze
 
-    buf_BL, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf_BL, key))
-    return buf_BL[:, :P + max_new_tokens]
+
+def _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, top_p, min_p,
+           repetition_penalty, eos_id, pad_id, logits_processors):
+    cfg = model.config
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= int(value) < cfg.vocab_size:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size})")
+    pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
+    processors = build_processors(temperature, top_k, top_p, min_p, repetition_penalty)
+    for proc in logits_processors:
+        try:
+            hash(proc)
+        except TypeError:
+            raise ValueError(f"logits processor {proc!r} must be hashable (e.g. a frozen dataclass): "
+                             f"it is a static setting of the compiled loop") from None
+    tokens, real, squeeze = prepare_prompts(prompt_ids, cfg.block_size, pad, prompt_mask)
+    if int(tokens.max(initial=0)) >= cfg.vocab_size or int(tokens.min(initial=0)) < 0:
+        raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size}); got {tokens.min()}..{tokens.max()}")
+    plan = _plan(model, tokens.shape[1], int(max_new_tokens), temperature == 0, logits_processors)
+    settings = dict(processors=processors, eos=np.int32(-1 if eos_id is None else eos_id), pad=np.int32(pad))
+    return plan, settings, tokens, real, squeeze
 
 
 def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, key: jax.Array | None = None) -> jax.Array:
-    """Prompt (B, P) or (P,) int ids -> (B, P + max_new_tokens); temperature 0 is greedy."""
-    prompt = jnp.asarray(prompt_ids, jnp.int32)
-    squeeze = prompt.ndim == 1
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             eos_id: int | None = None, pad_id: int | None = None, key: jax.Array | None = None,
+             return_logprobs: bool = False, prompt_mask=None, logits_processors=()):
+    """Continue prompts; returns ids (B, P + max_new_tokens), or (P + max_new_tokens,) for a 1-D prompt.
+
+    `prompt_ids`: (P,), (B, P) (with `prompt_mask` if left-padded) or a list of int lists (left-padded
+    here with `pad_id`). The output holds the whole prompt (uncropped, padded) then the new tokens.
+    Strategies as in transformers: temperature (0 = greedy), top_k (0 = off), top_p (1.0 = off),
+    min_p (0 = off), repetition_penalty (1.0 = off; counts prompt and generated tokens, not padding),
+    plus any hashable `logits_processors` `(logits_BV, seen_BV) -> logits_BV`, applied last (they
+    are static settings of the compiled loop: a new one compiles it again).
+    After a row emits `eos_id` it emits `pad_id` (default: eos_id, else 0); the loop stops when
+    every row has. With `return_logprobs`, returns (ids, logprobs (B, max_new_tokens)): the raw
+    model log-probability of each new token (0 after EOS).
+    """
+    plan, settings, tokens, real, squeeze = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature,
+                                                   top_k, top_p, min_p, repetition_penalty, eos_id, pad_id,
+                                                   logits_processors)
+    full, _, _ = prepare_prompts(prompt_ids, 1 << 62, int(settings["pad"]), prompt_mask)  # uncropped
+    if plan.max_new_tokens == 0:
+        out, logp = full, np.zeros((full.shape[0], 0), np.float32)
+    else:
+        graphdef, state = nnx.split(model)
+        buf, logp = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(real),
+                                  jax.random.key(0) if key is None else key, settings, plan=plan)
+        # in numpy: eager jnp ops would each compile a small program on first use
+        out = np.concatenate([full, np.asarray(buf)[:, tokens.shape[1]:]], axis=1)
+        logp = np.asarray(logp)
     if squeeze:
-        prompt = prompt[None]
-    if prompt.shape[1] == 0:
-        raise ValueError("the prompt is empty; give at least one token (e.g. a newline or EOS)")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if key is None:
-        key = jax.random.key(0)
+        out, logp = out[0], logp[0]
+    out, logp = jnp.asarray(out), jnp.asarray(logp)
+    return (out, logp) if return_logprobs else out
+
+
+def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, *, chunk_size: int = 8,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                    repetition_penalty: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
+                    key: jax.Array | None = None, prompt_mask=None, logits_processors=()):
+    """Like `generate` (same arguments), but yields the new tokens as numpy (B, n) blocks,
+    `chunk_size` steps per compiled call; the first block comes from the prefill alone. Stops
+    after every row's EOS."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    plan, settings, tokens, real, _ = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k,
+                                             top_p, min_p, repetition_penalty, eos_id, pad_id, logits_processors)
+    if plan.max_new_tokens == 0:
+        return
     graphdef, state = nnx.split(model)
-    out = _generate(graphdef, state, prompt, key, max_new_tokens=int(max_new_tokens),
-                    temperature=float(temperature), top_k=int(top_k))
-    return out[0] if squeeze else out
+    P = tokens.shape[1]
+    st = _prefill_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(real),
+                      jax.random.key(0) if key is None else key, settings, plan=plan)
+    emitted = 0
+    while True:
+        buf, i, done = np.asarray(st["buf"]), int(st["i"]), bool(np.asarray(st["done"]).all())
+        yield buf[:, P + emitted:P + i]
+        emitted = i
+        if i >= plan.max_new_tokens or done:
+            return
+        st = _decode_jit(graphdef, state, st, np.int32(min(i + chunk_size, plan.max_new_tokens)), plan=plan)
+
+
+def decode_stream(tokenizer, id_chunks):
+    """Text pieces for a stream of token-id chunks, never ending a piece inside a character.
+
+    After each chunk all ids so far are decoded again and the new tail is yielded, minus trailing
+    U+FFFD: a byte-level BPE token can stop in the middle of a UTF-8 character, which decodes as
+    a replacement character until a later token completes it. The last piece carries whatever was
+    held back. The pieces join to tokenizer.decode(all ids)."""
+    ids: list[int] = []
+    emitted = ""
+    for chunk in id_chunks:
+        ids += np.asarray(chunk).reshape(-1).tolist()
+        stable = tokenizer.decode(ids).rstrip("\ufffd")
+        if len(stable) > len(emitted) and stable.startswith(emitted):
+            yield stable[len(emitted):]
+            emitted = stable
+    text = tokenizer.decode(ids)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def stream(model: nnx.Module, tokenizer, prompt, max_new_tokens: int = 256, *, chunk_size: int = 8,
+           stop_at_eos: bool = True, key: jax.Array | None = None, **strategy):
+    """Yield the continuation of one prompt (text or ids) as text, as tokens arrive.
+
+    Runs the compiled prefill once, then `chunk_size` decode steps per compiled call (the same
+    steps as `generate`, so with the same key the text is generate's). Pieces never split a UTF-8
+    character (see `decode_stream`). With `stop_at_eos`, tokenizer.eos_id ends the stream and is
+    not yielded. `strategy`: temperature, top_k, top_p, min_p, repetition_penalty,
+    logits_processors, as for generate."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt).reshape(-1).tolist()
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one token (e.g. a newline or EOS)")
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+
+    def until_eos():
+        for block_1n in generate_chunks(model, [ids], max_new_tokens, chunk_size=chunk_size, key=key,
+                                        eos_id=eos_id, **strategy):
+            row = block_1n[0].tolist()
+            if eos_id is not None and eos_id in row:
+                yield row[:row.index(eos_id)]
+                return
+            yield row
+
+    yield from decode_stream(tokenizer, until_eos())

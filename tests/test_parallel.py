@@ -91,3 +91,20 @@ def test_setup_cpu_exposes_one_device_per_core_in_a_fresh_process():
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_checkpoint_saved_from_a_mesh_loads_onto_one_device(tmp_path):
+    from flax import nnx
+
+    from jaxllm.training.checkpoint import Checkpointer, load_checkpoint
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    mesh = parallel.data_mesh(8, 4)
+    state = jax.device_put(nnx.state(model), parallel.replicated(mesh))
+    ckpt = Checkpointer(tmp_path / "run", keep=1)
+    ckpt.save(1, state, {"step": jnp.ones((), jnp.int32)}, {"model": TINY.to_dict()})
+    ckpt.close()
+    loaded, cfg, _, _ = load_checkpoint(tmp_path / "run")
+    leaves = jax.tree.leaves(nnx.state(loaded))
+    assert all(len(a.sharding.device_set) == 1 for a in leaves)  # one device, not the saving mesh
+    for a, b in zip(leaves, jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -60,7 +60,7 @@ class Checkpointer:
         """Weights of `step` (default: latest) into a state shaped like `model_state`."""
         step = self._resolve(step)
         pure = nnx.to_pure_dict(model_state)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure)
+        target = jax.tree.map(_restore_target, pure)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(target)))["model"]
         nnx.replace_by_pure_dict(model_state, restored)
@@ -84,6 +84,16 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restore_target(x) -> jax.ShapeDtypeStruct:
+    """Shape/dtype (and placement) to restore into. Abstract leaves, which carry no placement, go to
+    one device: otherwise Orbax would rebuild the saving run's data-parallel mesh, which may not
+    exist here and would make every device run the same inference."""
+    s = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(s, "sharding", None) is None:
+        s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return s
 
 
 def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
