@@ -1,7 +1,5 @@
 """Smoke tests of `jaxllm <command>` and the `python train/pretrain.py` script entry."""
 
-import contextlib
-import io
 import os
 import pathlib
 import re
@@ -10,17 +8,10 @@ import sys
 
 import pytest
 
-from jaxllm.cli import main
+from cli_helpers import run_main
 from jaxllm.data import TokenDataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

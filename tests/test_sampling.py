@@ -1,9 +1,7 @@
 """Properties of generation: KV cache, padding, strategies, EOS, streaming, self-consistency, CLI."""
 
-import contextlib
 import dataclasses
 import functools
-import io
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from jaxllm import sampling
-from jaxllm.cli import main
+from cli_helpers import run_main
 from jaxllm.config import GPTConfig
 from jaxllm.logits_processors import (MinP, RepetitionPenalty, TopK, TopP, apply_processors, build_processors,
                                       sample_with_strategy)
@@ -355,13 +353,6 @@ def test_self_consistency_samples_n_in_one_batch_and_returns_their_majority(mode
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxllm.data.sources import Source, describe_source, load_text
+from jaxllm.fileio import replace_dir
 from jaxllm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 META_NAME = "meta.json"
@@ -40,21 +41,6 @@ def _resolve_tokenizer(tokenizer, text: str, vocab_size: int | None) -> Tokenize
             raise ValueError("tokenizer='bpe' is trained on the corpus: pass vocab_size=")
         return BPETokenizer.train(text, vocab_size)
     return load_tokenizer(tokenizer)
-
-
-def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Put the finished tmp_dir at out_dir; an old dataset is removed only once the new one is in place."""
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(
@@ -127,7 +113,7 @@ def prepare(
             tokens.astype(dtype).tofile(tmp_dir / f"{name}.bin")
         tok.save(tmp_dir / "tokenizer")
         (tmp_dir / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _swap_into_place(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

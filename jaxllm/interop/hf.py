@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import GPTConfig
+from jaxllm.fileio import replace_dir
 from jaxllm.interop.hf_files import HFCheckpointError, find_weights, open_weights
 from jaxllm.model import GPT
 
@@ -287,26 +287,11 @@ def to_hf(model: GPT, cfg: GPTConfig | None, out_dir, *, tokenizer=None, overwri
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg, eos_id), indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into `target`: at every moment `target` is either the old or the new directory."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_to_hf(run_dir, out_dir, *, step: int | None = None, overwrite: bool = False) -> Path:
