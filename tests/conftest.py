@@ -27,6 +27,8 @@ def pytest_configure(config):
                  "--xla_gpu_deterministic_ops=true"):
         if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    # The fp32 tolerances below assume fp32 matmuls; on GPUs XLA's default would use TF32 (~1e-4).
+    jax.config.update("jax_default_matmul_precision", "highest")
     _CACHE_DIR = tempfile.mkdtemp(prefix="jaxllm-xla-cache-")
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
