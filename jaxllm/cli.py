@@ -1,4 +1,4 @@
-"""`jaxllm <command>`: prepare | pretrain | sample."""
+"""`jaxllm <command>`: prepare | pretrain | sample | export-hf."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def _cmd_sample(args) -> None:
         print(tok.decode(prompt + new))
 
 
+def _cmd_export_hf(args) -> None:
+    from jaxllm.interop import checkpoint_to_hf
+
+    out = checkpoint_to_hf(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
+    print(f"wrote {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxllm", description="GPT-style language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--stream", action="store_true", help="print text as it is generated")
     ps.add_argument("--seed", type=int, default=0)
     ps.set_defaults(func=_cmd_sample)
+
+    pe = sub.add_parser("export-hf", help="write a run's checkpoint as a Hugging Face GPT-2 directory")
+    pe.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")
+    pe.add_argument("--out", required=True, help="output directory (new or empty)")
+    pe.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    pe.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    pe.set_defaults(func=_cmd_export_hf)
     return p
 
 

@@ -74,3 +74,21 @@ def test_train_pretrain_script_runs_from_another_directory(tmp_path, tiny_overri
     assert "val loss:" in proc.stdout and "--- sample ---" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "6").is_dir()
     assert (tmp_path / "data" / "meta.json").is_file()
+
+
+def test_export_hf_command_writes_a_directory_that_loads_back_with_the_same_logits(pretrained, tmp_path):
+    import numpy as np
+
+    from jaxllm.interop import from_hf
+    from jaxllm.training.checkpoint import load_checkpoint
+
+    root, _ = pretrained
+    rc, out, err = run_main(["export-hf", "--ckpt", root / "run", "--out", tmp_path / "hf"])
+    assert rc == 0, err
+    assert "AutoModelForCausalLM" in out and (tmp_path / "hf" / "model.safetensors").is_file()
+    exported, _ = from_hf(tmp_path / "hf")
+    original, _, tok, _ = load_checkpoint(root / "run")
+    x = np.asarray([tok.encode("the lazy fox")])
+    np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(original(x)), atol=1e-5)
+    rc, _, err = run_main(["export-hf", "--ckpt", root / "run", "--out", tmp_path / "hf"])
+    assert rc == 2 and "hf" in err  # a non-empty target is refused without --overwrite
