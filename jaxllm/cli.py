@@ -47,7 +47,7 @@ def _cmd_sample(args) -> None:
     import jax
     import numpy as np
     from jaxllm.logits_processors import validate_strategy
-    from jaxllm.sampling import generate, stream
+    from jaxllm.sampling import cut_at_eos, generate, stream
     from jaxllm.training.checkpoint import load_checkpoint
 
     strategy = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -80,10 +80,8 @@ def _cmd_sample(args) -> None:
     # all samples in one batched call; each row draws its own randomness
     out = generate(model, np.asarray([prompt] * args.num_samples), args.max_new_tokens, eos_id=tok.eos_id,
                    key=key, **strategy)
-    for i, row in enumerate(np.asarray(out).tolist()):
-        new = row[len(prompt):]
-        if tok.eos_id is not None and tok.eos_id in new:
-            new = new[:new.index(tok.eos_id)]  # the rest is padding
+    for i, row in enumerate(np.asarray(out)):
+        new = cut_at_eos(row[len(prompt):], tok.eos_id)  # the rest is padding
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
         print(tok.decode(prompt + new))

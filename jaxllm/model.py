@@ -246,9 +246,7 @@ class GPT(nnx.Module):
             return self._features_cached(tokens_BT, attention_mask, positions, dropout_key, cache)
         if positions is None:
             positions = jnp.arange(T)[None, :]
-        positions = jnp.broadcast_to(positions, (B, T))
-        x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
-        x_ND = dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
+        x_ND = self._embed(tokens_BT, positions, dropout_key)
         # None means plain causal: attention may then use a fused kernel that builds no mask
         mask_BTT = None if attention_mask is None else make_attention_mask(attention_mask, T)
         for i, block in enumerate(self.h):
@@ -258,6 +256,13 @@ class GPT(nnx.Module):
             else:
                 x_ND = block(x_ND, B, T, mask_BTT, key)
         return self.ln_f(x_ND).reshape(B, T, cfg.n_embd)
+
+    def _embed(self, tokens_BT, positions, dropout_key):
+        """Token + position embeddings as the 2-D residual stream (B*T, D), with dropout."""
+        cfg, (B, T) = self.config, tokens_BT.shape
+        positions = jnp.broadcast_to(positions, (B, T))
+        x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
+        return dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
 
     def _features_cached(self, tokens_BT, attention_mask, positions, dropout_key, cache: KVCache):
         cfg = self.config
@@ -279,13 +284,12 @@ class GPT(nnx.Module):
             positions = cache.next_pos[:, None] + jnp.cumsum(real_BT, axis=1, dtype=jnp.int32) - 1
             positions = jnp.maximum(positions, 0)
         positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, T))
+        x_ND = self._embed(tokens_BT, positions, dropout_key)
         start = cache.length
         valid_BS = jax.lax.dynamic_update_slice(cache.valid, real_BT, (0, start))
         # slot s holds the token fed (s - start)-th in this call; causal order is slot order
         slot_S = jnp.arange(cache.max_len)
         mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= start + jnp.arange(T)[None, :, None])
-        x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
-        x_ND = dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
         ks, vs = [], []
         for i, block in enumerate(self.h):
             x_ND, (k, v) = block(x_ND, B, T, mask_BTS, _fold(dropout_key, i),

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxllm.logits_processors import (apply_processors, build_processors, needs_seen, sample_with_strategy,
                                       seen_from_tokens)
 
-__all__ = ["decode_stream", "generate", "generate_chunks", "prepare_prompts", "sample_with_strategy", "stream"]
+__all__ = ["cut_at_eos", "decode_stream", "generate", "generate_chunks", "prepare_prompts", "sample_with_strategy", "stream"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +154,9 @@ def _is_ragged(prompt_ids) -> bool:
             and all(isinstance(r, (list, tuple, np.ndarray)) for r in prompt_ids))
 
 
-def prepare_prompts(prompt_ids, block_size: int, pad_id: int = 0, prompt_mask=None):
-    """-> (tokens_BP, real_BP, squeeze): int32 and bool numpy arrays, left-padded.
+def prepare_prompts(prompt_ids, block_size: int | None, pad_id: int = 0, prompt_mask=None):
+    """-> (tokens_BP, real_BP, squeeze): int32 and bool numpy arrays, left-padded, cropped from the
+    left to `block_size` tokens (None: not cropped).
 
     `prompt_ids` is (P,), (B, P), or a list of int lists of any lengths (left-padded here).
     `prompt_mask` (B, P), 1 = real token, describes an already left-padded (B, P) array."""
@@ -193,9 +194,16 @@ def prepare_prompts(prompt_ids, block_size: int, pad_id: int = 0, prompt_mask=No
                 raise ValueError("prompt_mask must describe left padding (each row: 0s, then 1s, "
                                  "ending with a real token); or pass a list of int lists and let "
                                  "generate pad them")
-    if tokens.shape[1] > block_size:  # crop from the left: the model sees at most block_size tokens
+    if block_size is not None and tokens.shape[1] > block_size:  # the model sees at most block_size
         tokens, real = tokens[:, -block_size:], real[:, -block_size:]
     return tokens.astype(np.int32), real, squeeze
+
+
+def cut_at_eos(ids, eos_id: int | None) -> list[int]:
+    """The ids before the first `eos_id` (all of them if it is None or absent): after EOS a row
+    holds only padding."""
+    ids = np.asarray(ids).reshape(-1).tolist()
+    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
 def _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, top_p, min_p,
@@ -214,12 +222,13 @@ def _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, t
         except TypeError:
             raise ValueError(f"logits processor {proc!r} must be hashable (e.g. a frozen dataclass): "
                              f"it is a static setting of the compiled loop") from None
-    tokens, real, squeeze = prepare_prompts(prompt_ids, cfg.block_size, pad, prompt_mask)
-    if int(tokens.max(initial=0)) >= cfg.vocab_size or int(tokens.min(initial=0)) < 0:
-        raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size}); got {tokens.min()}..{tokens.max()}")
+    full, real, squeeze = prepare_prompts(prompt_ids, None, pad, prompt_mask)
+    if int(full.max(initial=0)) >= cfg.vocab_size or int(full.min(initial=0)) < 0:
+        raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size}); got {full.min()}..{full.max()}")
+    tokens, real = full[:, -cfg.block_size:], real[:, -cfg.block_size:]  # crop from the left
     plan = _plan(model, tokens.shape[1], int(max_new_tokens), temperature == 0, logits_processors)
     settings = dict(processors=processors, eos=np.int32(-1 if eos_id is None else eos_id), pad=np.int32(pad))
-    return plan, settings, tokens, real, squeeze
+    return plan, settings, tokens, real, squeeze, full
 
 
 def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
@@ -238,10 +247,9 @@ def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, *, temperature:
     every row has. With `return_logprobs`, returns (ids, logprobs (B, max_new_tokens)): the raw
     model log-probability of each new token (0 after EOS).
     """
-    plan, settings, tokens, real, squeeze = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature,
-                                                   top_k, top_p, min_p, repetition_penalty, eos_id, pad_id,
-                                                   logits_processors)
-    full, _, _ = prepare_prompts(prompt_ids, 1 << 62, int(settings["pad"]), prompt_mask)  # uncropped
+    plan, settings, tokens, real, squeeze, full = _setup(
+        model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_id, pad_id, logits_processors)
     if plan.max_new_tokens == 0:
         out, logp = full, np.zeros((full.shape[0], 0), np.float32)
     else:
@@ -266,7 +274,7 @@ def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, *, chunk
     after every row's EOS."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    plan, settings, tokens, real, _ = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k,
+    plan, settings, tokens, real, _, _ = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k,
                                              top_p, min_p, repetition_penalty, eos_id, pad_id, logits_processors)
     if plan.max_new_tokens == 0:
         return
@@ -321,10 +329,9 @@ def stream(model: nnx.Module, tokenizer, prompt, max_new_tokens: int = 256, *, c
     def until_eos():
         for block_1n in generate_chunks(model, [ids], max_new_tokens, chunk_size=chunk_size, key=key,
                                         eos_id=eos_id, **strategy):
-            row = block_1n[0].tolist()
-            if eos_id is not None and eos_id in row:
-                yield row[:row.index(eos_id)]
-                return
+            row = cut_at_eos(block_1n[0], eos_id)
             yield row
+            if len(row) < block_1n.shape[1]:  # EOS was in this block
+                return
 
     yield from decode_stream(tokenizer, until_eos())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cli_helpers import run_main
+from helpers import run_main
 from jaxllm.data import TokenDataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import TINY, random_tokens
 from jaxllm.config import PRESETS, GPTConfig
 from jaxllm.losses import cross_entropy, cross_entropy_sum, next_token_loss
 from jaxllm.model import GPT, count_params
 from jaxllm.sampling import generate
 
-TINY = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
 @pytest.fixture(scope="module")
 def model():
     return GPT(TINY, rngs=nnx.Rngs(0))
-
-
-def _tokens(seed, shape, vocab=TINY.vocab_size):
-    return np.asarray(np.random.default_rng(seed).integers(0, vocab, size=shape), np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -42,7 +38,7 @@ def fwd(m, tokens, *, attention_mask=None, positions=None, dropout_key=None):
 
 
 def test_changing_token_t_leaves_earlier_logits_unchanged_and_changes_position_t(model):
-    x = _tokens(0, (2, TINY.block_size))
+    x = random_tokens(0, (2, TINY.block_size))
     t = 7
     x2 = x.copy()
     x2[:, t] = (x[:, t] + 5) % TINY.vocab_size
@@ -55,8 +51,8 @@ def test_changing_token_t_leaves_earlier_logits_unchanged_and_changes_position_t
 
 def test_left_padded_row_with_positions_from_zero_matches_unpadded_row(model):
     T, pad = TINY.block_size, 6
-    real = _tokens(1, (T - pad,))
-    full = _tokens(2, (T,))  # a second row with no padding, to check rows do not interact
+    real = random_tokens(1, (T - pad,))
+    full = random_tokens(2, (T,))  # a second row with no padding, to check rows do not interact
     tokens = np.stack([np.concatenate([np.full(pad, 5, np.int32), real]), full])
     mask = np.stack([np.r_[np.zeros(pad), np.ones(T - pad)], np.ones(T)]).astype(np.int32)
     positions = np.stack([np.r_[np.zeros(pad), np.arange(T - pad)], np.arange(T)]).astype(np.int32)
@@ -72,12 +68,12 @@ def test_left_padded_row_with_positions_from_zero_matches_unpadded_row(model):
 
 def test_sequence_longer_than_block_size_is_rejected(model):
     with pytest.raises(ValueError, match="block_size 16"):
-        model(_tokens(0, (1, 17)))
+        model(random_tokens(0, (1, 17)))
 
 
 def test_dropout_key_gives_reproducible_masks_that_change_with_the_key():
     m = GPT(TINY.replace(dropout=0.5), rngs=nnx.Rngs(0))
-    x = _tokens(3, (2, TINY.block_size))
+    x = random_tokens(3, (2, TINY.block_size))
     k1 = fwd(m, x, dropout_key=jax.random.key(1))
     np.testing.assert_array_equal(k1, fwd(m, x, dropout_key=jax.random.key(1)))
     assert np.abs(k1 - fwd(m, x, dropout_key=jax.random.key(2))).max() > 1e-3
@@ -87,7 +83,7 @@ def test_bf16_compute_keeps_float32_params_and_logits_close_to_fp32(model):
     bf16 = GPT(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))  # same init as `model`
     dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.float32)}
-    x = _tokens(4, (2, TINY.block_size))
+    x = random_tokens(4, (2, TINY.block_size))
     graphdef, state = nnx.split(bf16)
     lo_raw = _jit_forward(graphdef, state, jnp.asarray(x), None, None, None)
     assert lo_raw.dtype == jnp.bfloat16
@@ -103,7 +99,7 @@ def _loss_and_grads(graphdef, params, x):
 
 
 def test_remat_gives_same_loss_and_grads_as_plain_backward(model):
-    x = jnp.asarray(_tokens(5, (2, TINY.block_size)))
+    x = jnp.asarray(random_tokens(5, (2, TINY.block_size)))
     remat = GPT(TINY.replace(remat=True), rngs=nnx.Rngs(0))  # same init as `model`
     l0, g0 = _loss_and_grads(*nnx.split(model), x)
     l1, g1 = _loss_and_grads(*nnx.split(remat), x)
@@ -226,7 +222,7 @@ def test_cross_entropy_sum_equals_numpy_sum_and_count_skipping_ignore_index(logi
     np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
 
 
-def test_cross_entropy_equals_numpy_mean_over_counted_tokens(logits_and_targets):
+def test_cross_entropy_equals_numpy_mean_over_countedrandom_tokens(logits_and_targets):
     logits, targets = logits_and_targets
     want_total, want_count = _np_loss_sum(logits, targets)
     got = float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets)))
@@ -268,7 +264,7 @@ def _argmax_loop(m, prompt, n, block):
 
 
 def test_temperature_zero_is_greedy_argmax_over_full_forwards(model):
-    prompt = _tokens(6, (5,))
+    prompt = random_tokens(6, (5,))
     out = np.asarray(generate(model, prompt, 8, temperature=0.0))
     np.testing.assert_array_equal(out, _argmax_loop(model, prompt, 8, TINY.block_size))
     again = np.asarray(generate(model, prompt, 8, temperature=0.0, key=jax.random.key(9)))
@@ -276,7 +272,7 @@ def test_temperature_zero_is_greedy_argmax_over_full_forwards(model):
 
 
 def test_prompt_longer_than_block_size_is_cropped_from_the_left(model):
-    prompt = _tokens(7, (TINY.block_size + 5,))
+    prompt = random_tokens(7, (TINY.block_size + 5,))
     out = np.asarray(generate(model, prompt, 6, temperature=0.0))
     assert out.shape == (TINY.block_size + 11,)
     np.testing.assert_array_equal(out[:len(prompt)], prompt)
@@ -284,7 +280,7 @@ def test_prompt_longer_than_block_size_is_cropped_from_the_left(model):
 
 
 def test_same_key_gives_same_sample_and_other_key_differs(model):
-    prompt = _tokens(8, (2, 4))
+    prompt = random_tokens(8, (2, 4))
     a = np.asarray(generate(model, prompt, 16, temperature=1.0, key=jax.random.key(1)))
     b = np.asarray(generate(model, prompt, 16, temperature=1.0, key=jax.random.key(1)))
     c = np.asarray(generate(model, prompt, 16, temperature=1.0, key=jax.random.key(2)))
@@ -295,7 +291,7 @@ def test_same_key_gives_same_sample_and_other_key_differs(model):
 
 
 def test_top_k_1_equals_greedy(model):
-    prompt = _tokens(6, (5,))
+    prompt = random_tokens(6, (5,))
     greedy = np.asarray(generate(model, prompt, 8, temperature=0.0))
     top1 = np.asarray(generate(model, prompt, 8, temperature=1.5, top_k=1, key=jax.random.key(3)))
     np.testing.assert_array_equal(top1, greedy)

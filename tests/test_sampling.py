@@ -11,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from jaxllm import sampling
-from cli_helpers import run_main
+from helpers import TINY, random_tokens, run_main
 from jaxllm.config import GPTConfig
 from jaxllm.logits_processors import (MinP, RepetitionPenalty, TopK, TopP, apply_processors, build_processors,
                                       sample_with_strategy)
@@ -21,17 +21,12 @@ from jaxllm.sampling import decode_stream, generate, stream
 from jaxllm.tokenizer import build_tokenizer
 from jaxllm.training.checkpoint import Checkpointer
 
-TINY = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
 ALPHA = 1e-3  # significance of the chi-square goodness-of-fit tests
 
 
 @pytest.fixture(scope="module")
 def model():
     return GPT(TINY, rngs=nnx.Rngs(0))
-
-
-def _tokens(seed, shape, vocab=TINY.vocab_size):
-    return np.asarray(np.random.default_rng(seed).integers(0, vocab, size=shape), np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -69,7 +64,7 @@ def _prefill_then_decode(m, tokens, mask, cache, n_prefill):
 
 def test_cached_prefill_and_decode_logits_match_full_forward_at_every_step(model):
     # Row 1 is left-padded by 3: its positions must start at its first real token.
-    tokens = _tokens(0, (2, 14))
+    tokens = random_tokens(0, (2, 14))
     mask = np.ones((2, 14), np.int32)
     mask[1, :3] = 0
     cached, cache = _prefill_then_decode(model, tokens, mask, model.init_cache(2, 14), 6)
@@ -82,7 +77,7 @@ def test_cached_prefill_and_decode_logits_match_full_forward_at_every_step(model
 def test_prefix_kv_appended_to_the_cache_acts_as_earlier_context(model):
     # What prefix tuning will do: put per-layer K/V into the cache without feeding tokens. Here
     # the "prefix" is the K/V of the first 6 tokens, so the rest must see them as context.
-    tokens = _tokens(1, (2, 14))
+    tokens = random_tokens(1, (2, 14))
     mask = np.ones((2, 14), np.int32)
     _, ctx = _prefill_then_decode(model, tokens[:, :6], mask, model.init_cache(2, 14), 6)
     H, hd = TINY.n_head, TINY.head_dim  # cache layouts: K (B*H, hd, S), V (B*H, S, hd)
@@ -106,7 +101,7 @@ def test_prefix_kv_appended_to_the_cache_acts_as_earlier_context(model):
 
 
 def test_greedy_generate_equals_argmax_of_full_forwards_and_logprobs_are_raw(model):
-    prompt = _tokens(2, (3, 4))
+    prompt = random_tokens(2, (3, 4))
     out, logp = generate(model, prompt, 10, temperature=0.0, return_logprobs=True)
     out, logp = np.asarray(out), np.asarray(logp)
     for b in range(3):
@@ -117,7 +112,7 @@ def test_greedy_generate_equals_argmax_of_full_forwards_and_logprobs_are_raw(mod
 
 
 def test_sampled_tokens_lie_in_the_raw_top_k_and_logprobs_are_unprocessed(model):
-    prompt = _tokens(3, (3, 4))
+    prompt = random_tokens(3, (3, 4))
     out, logp = generate(model, prompt, 10, temperature=1.7, top_k=3, key=jax.random.key(5),
                          return_logprobs=True)
     out, logp = np.asarray(out), np.asarray(logp)
@@ -136,7 +131,7 @@ def test_left_padded_batch_gives_each_row_the_tokens_it_gets_alone(model):
     # 14 new tokens: the first 10 come from the cache; then the 7-token row outgrows block 16 and
     # slides, while the 2-token row still fits: every row keeps its own window and positions.
     new_tokens = 14
-    prompts = [_tokens(10 + i, (n,)).tolist() for i, n in enumerate([2, 7])]
+    prompts = [random_tokens(10 + i, (n,)).tolist() for i, n in enumerate([2, 7])]
     kw = dict(temperature=0.0, repetition_penalty=1.3, pad_id=0)
     batch, logp = generate(model, prompts, new_tokens, return_logprobs=True, **kw)
     batch, logp = np.asarray(batch), np.asarray(logp)
@@ -154,7 +149,7 @@ def test_left_padded_batch_gives_each_row_the_tokens_it_gets_alone(model):
 
 
 def test_prompt_over_block_size_is_cropped_from_the_left_and_kept_in_the_output(model):
-    prompt = _tokens(4, (TINY.block_size + 3,))
+    prompt = random_tokens(4, (TINY.block_size + 3,))
     out = np.asarray(generate(model, prompt, 4, temperature=0.0))
     cropped = np.asarray(generate(model, prompt[3:], 4, temperature=0.0))
     np.testing.assert_array_equal(out[:len(prompt)], prompt)
@@ -229,7 +224,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
 
 def test_generate_with_repetition_penalty_equals_a_hand_loop(model):
     # 7 + 14 tokens outgrow block 16: the last steps see nanoGPT's sliding window
-    prompt = _tokens(20, (7,)).tolist()
+    prompt = random_tokens(20, (7,)).tolist()
     out = np.asarray(generate(model, prompt, 14, temperature=0.0, repetition_penalty=1.8))
     ids = list(prompt)
     for _ in range(14):
@@ -260,11 +255,11 @@ def test_processors_match_transformers_logits_processors():
 
 
 def test_temperature_towards_zero_equals_greedy_and_keys_decide_samples(model):
-    prompt = _tokens(2, (3, 4))
+    prompt = random_tokens(2, (3, 4))
     greedy = np.asarray(generate(model, prompt, 10, temperature=0.0))
     cold = np.asarray(generate(model, prompt, 10, temperature=1e-4, top_k=3, key=jax.random.key(1)))
     np.testing.assert_array_equal(cold, greedy)  # (top_k never moves the argmax)
-    prompt = _tokens(30, (3, 4))
+    prompt = random_tokens(30, (3, 4))
     a = np.asarray(generate(model, prompt, 10, temperature=1.7, top_k=3, key=jax.random.key(7)))
     b = np.asarray(generate(model, prompt, 10, temperature=1.7, top_k=3, key=jax.random.key(7)))
     c = np.asarray(generate(model, prompt, 10, temperature=1.7, top_k=3, key=jax.random.key(8)))
@@ -273,7 +268,7 @@ def test_temperature_towards_zero_equals_greedy_and_keys_decide_samples(model):
 
 
 def test_new_strategy_values_reuse_the_compiled_decode_loop(model):
-    prompt = _tokens(30, (3, 4))
+    prompt = random_tokens(30, (3, 4))
     generate(model, prompt, 10, temperature=1.7, top_k=3)
     compiled = sampling._generate_jit._cache_size()
     for kw in ({"temperature": 0.5}, {"temperature": 1.2, "eos_id": 3, "pad_id": 4}):
@@ -282,7 +277,7 @@ def test_new_strategy_values_reuse_the_compiled_decode_loop(model):
 
 
 def test_eos_stops_a_row_and_pads_the_rest(model):
-    prompt = _tokens(2, (3, 4))
+    prompt = random_tokens(2, (3, 4))
     free = np.asarray(generate(model, prompt, 10, temperature=0.0))
     eos = int(free[0, 6])  # row 0's third new token
     out, logp = generate(model, prompt, 10, temperature=0.0, eos_id=eos, pad_id=31, return_logprobs=True)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxllm.sampling import generate
+from jaxllm.sampling import cut_at_eos, generate
 
 _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -77,10 +77,8 @@ def self_consistency(model, tokenizer, prompt: str, n: int = 8, *,
                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
                    key=jax.random.key(0) if key is None else key)
     samples = []
-    for row in np.asarray(out)[:, len(ids):].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
-        samples.append(tokenizer.decode(row))
+    for row in np.asarray(out)[:, len(ids):]:
+        samples.append(tokenizer.decode(cut_at_eos(row, eos_id)))
     answers = [extractor(s) for s in samples]
     answer, share, votes = majority_vote(answers)
     return SelfConsistencyResult(answer, share, votes, samples, answers)
