@@ -5,8 +5,10 @@ The residual stream is kept 2-D, (B*T, D), between blocks: XLA's CPU backend run
 reshape to (B, T, H, hd) only inside attention.
 
 Extension points for later stages:
-- every linear layer is an attribute named like GPT-2's (`c_attn`, `c_proj`, `c_fc`), so LoRA
-  can wrap it by name;
+- every linear layer is a `Linear` named like GPT-2's (`c_attn`, `c_proj`, `c_fc`) with an empty
+  `lora` slot, each `Block` has empty `attn_adapter`/`mlp_adapter` slots and the GPT an empty
+  `prefix` slot: `jaxllm.peft` fills them without moving any base weight's state path, so HF
+  interop and checkpoints read a tuned model's base weights where they always were;
 - `features()` returns the final hidden states, so scalar heads (reward, value) sit on top;
 - attention takes explicit positions and a mask, so left-padded batches, packed segments, prefixes
   and a KV cache only change what is passed in;
@@ -122,6 +124,21 @@ class KVCache:
             length=start + n)
 
 
+class Linear(nnx.Linear):
+    """`nnx.Linear` plus a slot for a low-rank update (filled by `jaxllm.peft.lora`).
+
+    The slot holds a module called as lora(x, y, dropout_key) -> y that adds its update to the
+    base output y; the base kernel and bias keep their usual state paths."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.lora is None else self.lora(x, y, dropout_key)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         d = cfg.n_embd
@@ -129,25 +146,26 @@ class CausalSelfAttention(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.fused = cfg.fused_attention(jax.default_backend())
         common = dict(use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
+        self.c_attn = Linear(d, 3 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
         resid_std = _INIT_STD / math.sqrt(2 * cfg.n_layer)
-        self.c_proj = nnx.Linear(d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
+        self.c_proj = Linear(d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
 
     def __call__(self, x_ND: jax.Array, B: int, T: int, mask_BTT: jax.Array,
                  dropout_key: jax.Array | None = None, kv=None):
         """Without `kv`: keys are this call's T tokens, returns y (B*T, D). With
-        `kv=(k_NdS, v_NSd, start)` (N = B*H): this call's keys/values are written into the cache
-        at slots [start, start+T), queries attend over all S slots (`mask_BTT` is then (B, T, S)),
-        and it returns (y, (k_NdS, v_NSd))."""
+        `kv=(k_NdS, v_NSd, start, gate)` (N = B*H): this call's keys/values are written into the
+        cache at slots [start, start+T), queries attend over all S slots (`mask_BTT` is then
+        (B, T, S)), and it returns (y, (k_NdS, v_NSd)). `gate` is None, or (n, gate_H) for a gated
+        prefix in slots [0, n) (see `_attention_probs`)."""
         H, hd = self.n_head, self.head_dim
-        qkv = self.c_attn(x_ND).reshape(B, T, 3, H, hd)
+        qkv = self.c_attn(x_ND, _fold(dropout_key, 2)).reshape(B, T, 3, H, hd)
         q_BTHd, k_BTHd, v_BTHd = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if kv is not None:
             return self._attend_cached(q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTT, dropout_key, kv)
         if mask_BTT is None and self.fused:  # plain causal: cuDNN's flash attention, never (T, T) in memory
             y_BTHd = jax.nn.dot_product_attention(q_BTHd, k_BTHd, v_BTHd, is_causal=True,
                                                   implementation="cudnn")
-            return dropout(self.c_proj(y_BTHd.reshape(B * T, H * hd)), self.dropout_rate,
+            return dropout(self.c_proj(y_BTHd.reshape(B * T, H * hd), _fold(dropout_key, 3)), self.dropout_rate,
                            _fold(dropout_key, 1))
         if mask_BTT is None:
             mask_BTT = make_attention_mask(None, T)
@@ -156,7 +174,7 @@ class CausalSelfAttention(nnx.Module):
         probs_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(self.dtype)
         probs_BHTT = dropout(probs_BHTT, self.dropout_rate, _fold(dropout_key, 0))
         y_BTHd = jnp.einsum("bhqk,bkhd->bqhd", probs_BHTT, v_BTHd)
-        y_ND = self.c_proj(y_BTHd.reshape(B * T, H * hd))
+        y_ND = self.c_proj(y_BTHd.reshape(B * T, H * hd), _fold(dropout_key, 3))
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1))
 
     def _attend_cached(self, q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTS, dropout_key, kv):
@@ -165,7 +183,7 @@ class CausalSelfAttention(nnx.Module):
         # matmul) makes XLA:CPU copy or transpose the whole cache every step. For the same reason
         # the matmuls read the cache after this call's slots are written into it.
         H, hd = self.n_head, self.head_dim
-        k_cache, v_cache, start = kv
+        k_cache, v_cache, start, gate = kv
         k_new = k_BTHd.transpose(0, 2, 3, 1).reshape(B * H, hd, T).astype(k_cache.dtype)
         v_new = v_BTHd.transpose(0, 2, 1, 3).reshape(B * H, T, hd).astype(v_cache.dtype)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, start))
@@ -174,11 +192,27 @@ class CausalSelfAttention(nnx.Module):
         scores_NTS = jnp.einsum("ntd,nds->nts", q_NTd, k_cache.astype(self.dtype)) / math.sqrt(hd)
         scores_BHTS = scores_NTS.reshape(B, H, T, -1)
         scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _MASK_VALUE)
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
+        probs_BHTS = _attention_probs(scores_BHTS, gate).astype(self.dtype)
         probs_BHTS = dropout(probs_BHTS, self.dropout_rate, _fold(dropout_key, 0))
         y_NTd = jnp.einsum("nts,nsd->ntd", probs_BHTS.reshape(B * H, T, -1), v_cache.astype(self.dtype))
-        y_ND = self.c_proj(y_NTd.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd))
+        y_ND = self.c_proj(y_NTd.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd),
+                           _fold(dropout_key, 3))
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1)), (k_cache, v_cache)
+
+
+def _attention_probs(scores_BHTS: jax.Array, gate) -> jax.Array:
+    """Softmax over the slots; with a gated prefix `(n, gate_H)`, the first n slots (the prefix) get
+    a softmax of their own scaled by a learned per-head gate, the rest the usual softmax. A gate of
+    zero makes the prefix invisible, so a fresh gated prefix leaves the model unchanged (the
+    zero-init attention of LLaMA-Adapter); one joint softmax could not, since any prefix key takes
+    probability mass from the real tokens."""
+    if gate is None:
+        return jax.nn.softmax(scores_BHTS, axis=-1)
+    n, gate_H = gate
+    is_prefix_S = jnp.arange(scores_BHTS.shape[-1]) < n
+    tokens = jax.nn.softmax(jnp.where(is_prefix_S, _MASK_VALUE, scores_BHTS), axis=-1)
+    prefix = jax.nn.softmax(jnp.where(is_prefix_S, scores_BHTS, _MASK_VALUE), axis=-1)
+    return tokens + gate_H.astype(jnp.float32)[None, :, None, None] * prefix
 
 
 class MLP(nnx.Module):
@@ -186,13 +220,13 @@ class MLP(nnx.Module):
         d = cfg.n_embd
         self.dropout_rate = cfg.dropout
         common = dict(use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.c_fc = nnx.Linear(d, 4 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
+        self.c_fc = Linear(d, 4 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
         resid_std = _INIT_STD / math.sqrt(2 * cfg.n_layer)
-        self.c_proj = nnx.Linear(4 * d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
+        self.c_proj = Linear(4 * d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
 
     def __call__(self, x_ND: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.c_fc(x_ND), approximate=True)  # GPT-2 uses the tanh approximation
-        return dropout(self.c_proj(h), self.dropout_rate, dropout_key)
+        h = jax.nn.gelu(self.c_fc(x_ND, _fold(dropout_key, 1)), approximate=True)  # GPT-2's tanh GELU
+        return dropout(self.c_proj(h, _fold(dropout_key, 2)), self.dropout_rate, dropout_key)
 
 
 def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -206,12 +240,20 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
+        # bottleneck adapters (jaxllm.peft.adapter): modules h -> h applied to each sublayer's output
+        self.attn_adapter = nnx.data(None)
+        self.mlp_adapter = nnx.data(None)
 
     def __call__(self, x_ND, B, T, mask_BTT, dropout_key=None, kv=None):
         a = self.attn(self.ln_1(x_ND), B, T, mask_BTT, _fold(dropout_key, 0), kv)
         a_ND, new_kv = (a, None) if kv is None else a
+        if self.attn_adapter is not None:
+            a_ND = self.attn_adapter(a_ND)
         x_ND = x_ND + a_ND
-        x_ND = x_ND + self.mlp(self.ln_2(x_ND), _fold(dropout_key, 1))
+        m_ND = self.mlp(self.ln_2(x_ND), _fold(dropout_key, 1))
+        if self.mlp_adapter is not None:
+            m_ND = self.mlp_adapter(m_ND)
+        x_ND = x_ND + m_ND
         return x_ND if kv is None else (x_ND, new_kv)
 
 
@@ -226,6 +268,9 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, **emb)
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
+        # prefix tuning (jaxllm.peft.prefix): a module with `n_tokens`, `gated` and
+        # kv(batch) -> (k, v) of shape (n_layer, B or 1, n_tokens, n_head, head_dim)
+        self.prefix = nnx.data(None)
 
     def features(self, tokens_BT: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, dropout_key: jax.Array | None = None,
@@ -244,6 +289,10 @@ class GPT(nnx.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}; crop the input")
         if cache is not None:
             return self._features_cached(tokens_BT, attention_mask, positions, dropout_key, cache)
+        if self._active_prefix() is not None:  # prefix slots in front: the cached path attends to them
+            h_BTD, _ = self._features_cached(tokens_BT, attention_mask, positions, dropout_key,
+                                             self.init_cache(B, T))
+            return h_BTD
         if positions is None:
             positions = jnp.arange(T)[None, :]
         x_ND = self._embed(tokens_BT, positions, dropout_key)
@@ -272,14 +321,17 @@ class GPT(nnx.Module):
                              f"make the cache with KVCache.init(cfg, batch_size={B}, ...)")
         if T > cache.max_len:
             raise ValueError(f"{T} tokens do not fit a cache of max_len {cache.max_len}")
+        pair_BTT = None  # an explicit (B, T, T) mask among this call's tokens (packed segments)
         if attention_mask is None:
             real_BT = jnp.ones((B, T), bool)
         else:
-            real_BT = jnp.asarray(attention_mask)
-            if real_BT.shape != (B, T):
+            real_BT = jnp.asarray(attention_mask).astype(bool)
+            if real_BT.shape == (B, T, T):
+                pair_BTT = real_BT
+                real_BT = jnp.diagonal(pair_BTT, axis1=1, axis2=2)  # a real token sees itself
+            elif real_BT.shape != (B, T):
                 raise ValueError(f"with a cache, attention_mask must be (B, T) = {(B, T)} (1 = real "
-                                 f"token, 0 = padding), got shape {real_BT.shape}")
-            real_BT = real_BT.astype(bool)
+                                 f"token, 0 = padding) or (B, T, T), got shape {real_BT.shape}")
         if positions is None:  # padding takes no position: a left-padded row starts at next_pos
             positions = cache.next_pos[:, None] + jnp.cumsum(real_BT, axis=1, dtype=jnp.int32) - 1
             positions = jnp.maximum(positions, 0)
@@ -290,19 +342,34 @@ class GPT(nnx.Module):
         # slot s holds the token fed (s - start)-th in this call; causal order is slot order
         slot_S = jnp.arange(cache.max_len)
         mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= start + jnp.arange(T)[None, :, None])
+        if pair_BTT is not None:  # earlier slots stay visible; this call's slots follow the pair mask
+            seen_BTS = jnp.broadcast_to(slot_S < start, (B, T, cache.max_len))
+            mask_BTS &= jax.lax.dynamic_update_slice(seen_BTS, pair_BTT, (0, 0, start))
+        prefix = self._active_prefix()
+        gated = prefix is not None and prefix.gated
         ks, vs = [], []
         for i, block in enumerate(self.h):
+            gate = (prefix.n_tokens, prefix.gate[...][i]) if gated else None
             x_ND, (k, v) = block(x_ND, B, T, mask_BTS, _fold(dropout_key, i),
-                                 kv=(cache.k[i], cache.v[i], start))
+                                 kv=(cache.k[i], cache.v[i], start, gate))
             ks.append(k)
             vs.append(v)
         next_pos = jnp.maximum(cache.next_pos, jnp.max(jnp.where(real_BT, positions + 1, 0), axis=1))
         new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_BS, length=start + T, next_pos=next_pos)
         return self.ln_f(x_ND).reshape(B, T, cfg.n_embd), new_cache
 
+    def _active_prefix(self):
+        prefix = self.prefix
+        return prefix if prefix is not None and prefix.enabled else None
+
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache for `batch_size` rows and `max_len` slots (prompt + generated + prefix)."""
-        return KVCache.init(self.config, batch_size, max_len)
+        """A cache for `batch_size` rows and `max_len` token slots (prompt + generated). With an
+        active prefix, its learned keys/values take n extra slots in front."""
+        prefix = self._active_prefix()
+        if prefix is None:
+            return KVCache.init(self.config, batch_size, max_len)
+        cache = KVCache.init(self.config, batch_size, max_len + prefix.n_tokens)
+        return cache.append_kv(*prefix.kv(batch_size))
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """The LM head, tied to the token embedding."""

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -26,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import GPTConfig
-from jaxllm.fileio import replace_dir
+from jaxllm.fileio import new_dir
 from jaxllm.interop.hf_files import HFCheckpointError, find_weights, open_weights
 from jaxllm.model import GPT
 
@@ -263,6 +261,18 @@ def from_hf(path, **overrides) -> tuple[GPT, GPTConfig]:
     return model_from_hf_state(tensors, cfg, source=str(weights_path)), cfg
 
 
+def check_plain_gpt(model: GPT) -> None:
+    """A GPT-2 checkpoint holds no LoRA, adapter or prefix: refuse a tuned model that would lose them."""
+    from jaxllm.peft.common import peft_modules
+
+    live = [".".join(map(str, p)) for p, m in peft_modules(model) if m.enabled and not getattr(m, "merged", False)]
+    if live:
+        raise ValueError(
+            f"the model carries parameter-efficient modules ({live[0]}{' and more' if len(live) > 1 else ''}) "
+            "that a GPT-2 checkpoint cannot hold: fold LoRA in with jaxllm.peft.merge(model, unload=True), "
+            "or save them separately with jaxllm.peft.save_adapter / save_peft")
+
+
 def to_hf(model: GPT, cfg: GPTConfig | None, out_dir, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `out_dir` with config.json + model.safetensors (float32) that transformers'
     AutoModelForCausalLM loads; with `tokenizer`, its files too (a bpe / tokenizer.json one loads in
@@ -272,26 +282,18 @@ def to_hf(model: GPT, cfg: GPTConfig | None, out_dir, *, tokenizer=None, overwri
     cfg = cfg or model.config
     if cfg != model.config:
         raise ValueError(f"cfg does not match the model's own config:\n  cfg   {cfg}\n  model {model.config}")
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory or pass overwrite=True")
+    check_plain_gpt(model)
     eos_id = None
     if tokenizer is not None:
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
         eos_id = tokenizer.eos_id
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with new_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(model_to_hf_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg, eos_id), indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).expanduser().absolute()
 
 
 def checkpoint_to_hf(run_dir, out_dir, *, step: int | None = None, overwrite: bool = False) -> Path:

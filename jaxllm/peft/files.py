@@ -1,0 +1,147 @@
+"""Adapter files: only the trainable tree and the configs that rebuild it, next to no base weights.
+
+    save_adapter(model, "out")      # out/adapter.json + out/adapter.safetensors (+ PEFT files for LoRA)
+    load_adapter(model, "out")      # adds the same LoRA/adapters/prefix to a base model, fills them
+
+A LoRA-only model also gets PEFT's own files in the same directory (see jaxllm.interop.peft), so
+`peft.PeftModel.from_pretrained(hf_gpt2, "out")` reads it; `load_adapter` reads either format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxllm.fileio import new_dir
+from jaxllm.peft.adapter import AdapterConfig, add_adapters
+from jaxllm.peft.common import PeftModule, PeftParam, peft_modules
+from jaxllm.peft.lora import LoRA, LoraConfig, add_lora
+from jaxllm.peft.prefix import Prefix, PrefixConfig, add_prefix
+
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "jaxllm-adapter"
+# the model fields an adapter's shapes depend on
+_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that does not fit the model it is loaded onto; the message says how."""
+
+
+def adapter_configs(model: nnx.Module) -> dict:
+    """{"lora": [(LoraConfig, target names), ...], "adapter": AdapterConfig, "prefix": PrefixConfig}
+    for what the model carries (absent keys: not used)."""
+    out: dict = {}
+    lora_groups: dict[LoraConfig, list[str]] = {}
+    for _, m in peft_modules(model):
+        if isinstance(m, LoRA):
+            lora_groups.setdefault(m.config, []).extend(p.name for p in m.parts)
+        elif isinstance(m, Prefix):
+            out["prefix"] = m.config
+        elif isinstance(m, PeftModule):
+            out["adapter"] = m.config
+    if lora_groups:
+        out["lora"] = list(lora_groups.items())
+    return out
+
+
+def _state_dict(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, path)): np.asarray(v[...])
+            for path, v in nnx.to_flat_state(nnx.state(model, PeftParam))}
+
+
+def save_adapter(model: nnx.Module, out_dir, *, overwrite: bool = False, base: str | None = None) -> Path:
+    """Write the model's LoRA/adapters/prefix (weights + configs) to `out_dir`, atomically.
+    `base` notes where the base model came from (a path or name), for the reader."""
+    from safetensors.numpy import save_file
+
+    from jaxllm.interop.peft import write_peft_files
+
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model has no LoRA, adapter or prefix to save; add one with jaxllm.peft first")
+    merged = [m for _, m in peft_modules(model) if getattr(m, "merged", False)]
+    if merged:
+        raise ValueError("LoRA is merged into the base weights; call jaxllm.peft.unmerge(model) before saving it")
+    meta = {"format": FORMAT, "version": 1, "base": base,
+            "model": {k: getattr(model.config, k) for k in _SHAPE_FIELDS},
+            "lora": [{"config": dataclasses.asdict(c), "targets": t} for c, t in configs.get("lora", [])],
+            "adapter": dataclasses.asdict(configs["adapter"]) if "adapter" in configs else None,
+            "prefix": dataclasses.asdict(configs["prefix"]) if "prefix" in configs else None}
+    with new_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if set(configs) == {"lora"}:
+            write_peft_files(model, tmp, base=base)
+    return Path(out_dir).expanduser().absolute()
+
+
+def _config(cls, fields: dict, where: str):
+    try:
+        return cls(**fields)
+    except TypeError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
+
+
+def load_adapter(model: nnx.Module, path) -> nnx.Module:
+    """Add the LoRA/adapters/prefix saved in `path` to a model that has none, and load their
+    weights (in place; returns the model). A directory with only PEFT files is read as PEFT LoRA."""
+    from safetensors.numpy import load_file
+
+    path = Path(path).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        from jaxllm.interop.peft import PEFT_CONFIG_FILE, load_peft
+        if (path / PEFT_CONFIG_FILE).is_file():
+            return load_peft(model, path)
+        raise FileNotFoundError(f"{path} holds no adapter: expected {CONFIG_FILE} (jaxllm) or "
+                                f"{PEFT_CONFIG_FILE} (PEFT) written by save_adapter / save_pretrained")
+    where = str(path / CONFIG_FILE)
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{where} is not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{where} is not a jaxllm adapter (format {meta.get('format')!r})")
+    have = {k: getattr(model.config, k) for k in _SHAPE_FIELDS}
+    saved = meta.get("model", {})
+    diff = {k: (saved.get(k), have[k]) for k in _SHAPE_FIELDS if saved.get(k) != have[k]}
+    if diff:
+        raise AdapterFileError(
+            f"{path} was trained for another model shape: "
+            + ", ".join(f"{k} saved {a} vs model {b}" for k, (a, b) in diff.items())
+            + "; load it onto the base model it was trained on")
+    if peft_modules(model):
+        raise ValueError("the model already carries LoRA/adapters/prefix; load an adapter onto a plain base model")
+    for group in meta.get("lora") or []:
+        config = _config(LoraConfig, {**group["config"], "target": tuple(group["targets"])}, where)
+        add_lora(model, config)
+    if meta.get("adapter"):
+        add_adapters(model, _config(AdapterConfig, meta["adapter"], where))
+    if meta.get("prefix"):
+        add_prefix(model, _config(PrefixConfig, meta["prefix"], where))
+    fill_peft_state(model, load_file(str(path / WEIGHTS_FILE)), str(path / WEIGHTS_FILE))
+    return model
+
+
+def fill_peft_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> None:
+    """Write `tensors` (dotted path -> array) into the model's PEFT parameters; every parameter must
+    be given with its exact shape, and nothing else."""
+    state = nnx.state(model, PeftParam)
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    missing = sorted(set(flat) - set(tensors))
+    extra = sorted(set(tensors) - set(flat))
+    if missing or extra:
+        raise AdapterFileError(f"{source} does not match the model's adapter: "
+                               + (f"missing {missing[:3]} " if missing else "")
+                               + (f"unexpected {extra[:3]}" if extra else ""))
+    for name, var in flat.items():
+        array = np.asarray(tensors[name])
+        if array.shape != tuple(var.shape):
+            raise AdapterFileError(f"{source}: tensor {name} has shape {array.shape}, expected {tuple(var.shape)}")
+        var[...] = array.astype(var[...].dtype)
+    nnx.update(model, state)
