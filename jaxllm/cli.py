@@ -1,4 +1,4 @@
-"""`jaxllm <command>`: prepare | pretrain | sample | export-hf."""
+"""`jaxllm <command>`: prepare | pretrain | lora | sample | export-hf."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def _cmd_prepare(args) -> None:
     print(TokenDataset(out))
 
 
-def _cmd_pretrain(args) -> None:
+def _stage_config(cls, args):
+    """A stage's config: its defaults, then an optional YAML file, then key=value overrides."""
     from jaxllm.configfile import load_config
-    from jaxllm.training.pretrain import PretrainConfig, run_pretrain
 
     config_path, overrides = None, []
     for item in args.settings:
@@ -31,16 +31,37 @@ def _cmd_pretrain(args) -> None:
             raise ValueError(f"unexpected argument {item!r}: give one YAML file, then key=value overrides")
     if args.resume:
         overrides.append("train.resume=true")
-    config = load_config(PretrainConfig, config_path, overrides)
-    result = run_pretrain(config)
-    out = config.train.out_dir
-    print(f"\nfinished {result.train.step} steps in {result.train.train_seconds:.1f} s "
-          f"(compile {result.train.compile_seconds:.1f} s)")
-    if result.val_loss is not None:
-        print(f"val loss: {result.val_loss:.4f}")
+    return load_config(cls, config_path, overrides)
+
+
+def _print_run(out, train, val_loss, sample) -> None:
+    print(f"\nfinished {train.step} steps in {train.train_seconds:.1f} s (compile {train.compile_seconds:.1f} s)")
+    if val_loss is not None:
+        print(f"val loss: {val_loss:.4f}")
     print(f"checkpoints: {out}/checkpoints   metrics: {out}/metrics.jsonl   tensorboard: {out}/tensorboard")
-    if result.sample is not None:
-        print("\n--- sample ---\n" + result.sample)
+    if sample is not None:
+        print("\n--- sample ---\n" + sample)
+
+
+def _cmd_pretrain(args) -> None:
+    from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+
+    config = _stage_config(PretrainConfig, args)
+    result = run_pretrain(config)
+    _print_run(config.train.out_dir, result.train, result.val_loss, result.sample)
+
+
+def _cmd_lora(args) -> None:
+    from jaxllm.training.lora import LoraRunConfig, run_lora
+
+    config = _stage_config(LoraRunConfig, args)
+    result = run_lora(config)
+    if result.val_loss_before is not None:
+        print(f"\nval loss before tuning: {result.val_loss_before:.4f}")
+    _print_run(config.train.out_dir, result.train, result.val_loss, result.sample)
+    if config.peft.method != "full":
+        print(f"adapter: {result.adapter_dir}  (jaxllm.peft.load_adapter"
+              + ("; peft.PeftModel.from_pretrained" if config.peft.method == "lora" else "") + ")")
 
 
 def _cmd_sample(args) -> None:
@@ -114,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     pt.set_defaults(func=_cmd_pretrain)
 
+    pl = sub.add_parser("lora", help="fine-tune LoRA / adapters / a prefix on a base model (no arguments: "
+                                     "LoRA on the default pretrain run)")
+    pl.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. "
+                                                "init.path=RUN_OR_HF_DIR peft.method=lora peft.lora.r=8")
+    pl.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pl.set_defaults(func=_cmd_lora)
+
     ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
     ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")
     ps.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args so `key=value` overrides may also follow options like --resume
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "pretrain" or any(e.startswith("-") for e in extra):
+        if args.command not in ("pretrain", "lora") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.settings += extra
     from jaxllm import parallel

@@ -300,5 +300,8 @@ def checkpoint_to_hf(run_dir, out_dir, *, step: int | None = None, overwrite: bo
     """Export a jaxllm training run's checkpoint (latest, or `step`) with its tokenizer to an HF directory."""
     from jaxllm.training.checkpoint import load_checkpoint
 
+    from jaxllm.peft import merge
+
     model, cfg, tokenizer, _ = load_checkpoint(run_dir, step)
+    merge(model, unload=True)  # a LoRA run exports as one plain GPT-2; adapters/prefix are refused
     return to_hf(model, cfg, out_dir, tokenizer=tokenizer, overwrite=overwrite)

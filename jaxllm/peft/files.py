@@ -50,6 +50,32 @@ def adapter_configs(model: nnx.Module) -> dict:
     return out
 
 
+def describe_peft(model: nnx.Module) -> dict:
+    """JSON-able description of the model's LoRA/adapters/prefix, enough for `apply_peft` to rebuild
+    them on the same base (it goes into adapter.json and into training checkpoints' metadata)."""
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model has no LoRA, adapter or prefix; add one with jaxllm.peft first")
+    if any(getattr(m, "merged", False) for _, m in peft_modules(model)):
+        raise ValueError("LoRA is merged into the base weights; call jaxllm.peft.unmerge(model) first")
+    return {"lora": [{"config": dataclasses.asdict(c), "targets": t} for c, t in configs.get("lora", [])],
+            "adapter": dataclasses.asdict(configs["adapter"]) if "adapter" in configs else None,
+            "prefix": dataclasses.asdict(configs["prefix"]) if "prefix" in configs else None}
+
+
+def apply_peft(model: nnx.Module, desc: dict, where: str = "adapter description") -> nnx.Module:
+    """Add the LoRA/adapters/prefix that `desc` (from `describe_peft`) describes, freshly initialised."""
+    if peft_modules(model):
+        raise ValueError("the model already carries LoRA/adapters/prefix; load an adapter onto a plain base model")
+    for group in desc.get("lora") or []:
+        add_lora(model, _config(LoraConfig, {**group["config"], "target": tuple(group["targets"])}, where))
+    if desc.get("adapter"):
+        add_adapters(model, _config(AdapterConfig, desc["adapter"], where))
+    if desc.get("prefix"):
+        add_prefix(model, _config(PrefixConfig, desc["prefix"], where))
+    return model
+
+
 def _state_dict(model) -> dict[str, np.ndarray]:
     return {".".join(map(str, path)): np.asarray(v[...])
             for path, v in nnx.to_flat_state(nnx.state(model, PeftParam))}
@@ -62,21 +88,13 @@ def save_adapter(model: nnx.Module, out_dir, *, overwrite: bool = False, base: s
 
     from jaxllm.interop.peft import write_peft_files
 
-    configs = adapter_configs(model)
-    if not configs:
-        raise ValueError("the model has no LoRA, adapter or prefix to save; add one with jaxllm.peft first")
-    merged = [m for _, m in peft_modules(model) if getattr(m, "merged", False)]
-    if merged:
-        raise ValueError("LoRA is merged into the base weights; call jaxllm.peft.unmerge(model) before saving it")
+    desc = describe_peft(model)
     meta = {"format": FORMAT, "version": 1, "base": base,
-            "model": {k: getattr(model.config, k) for k in _SHAPE_FIELDS},
-            "lora": [{"config": dataclasses.asdict(c), "targets": t} for c, t in configs.get("lora", [])],
-            "adapter": dataclasses.asdict(configs["adapter"]) if "adapter" in configs else None,
-            "prefix": dataclasses.asdict(configs["prefix"]) if "prefix" in configs else None}
+            "model": {k: getattr(model.config, k) for k in _SHAPE_FIELDS}, **desc}
     with new_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if set(configs) == {"lora"}:
+        if desc["lora"] and not desc["adapter"] and not desc["prefix"]:
             write_peft_files(model, tmp, base=base)
     return Path(out_dir).expanduser().absolute()
 
@@ -115,15 +133,7 @@ def load_adapter(model: nnx.Module, path) -> nnx.Module:
             f"{path} was trained for another model shape: "
             + ", ".join(f"{k} saved {a} vs model {b}" for k, (a, b) in diff.items())
             + "; load it onto the base model it was trained on")
-    if peft_modules(model):
-        raise ValueError("the model already carries LoRA/adapters/prefix; load an adapter onto a plain base model")
-    for group in meta.get("lora") or []:
-        config = _config(LoraConfig, {**group["config"], "target": tuple(group["targets"])}, where)
-        add_lora(model, config)
-    if meta.get("adapter"):
-        add_adapters(model, _config(AdapterConfig, meta["adapter"], where))
-    if meta.get("prefix"):
-        add_prefix(model, _config(PrefixConfig, meta["prefix"], where))
+    apply_peft(model, meta, where)
     fill_peft_state(model, load_file(str(path / WEIGHTS_FILE)), str(path / WEIGHTS_FILE))
     return model
 

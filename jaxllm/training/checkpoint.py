@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxllm.peft.common import PeftParam
+
 # Orbax logs every save at INFO; our progress bar already says when a checkpoint is written.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -96,6 +98,22 @@ def _restore_target(x) -> jax.ShapeDtypeStruct:
     return s
 
 
+def _peft_model(meta: dict, run_dir):
+    from jaxllm.peft.files import apply_peft
+    from jaxllm.training.finetune import load_base
+
+    base = meta["base"]
+    try:
+        model, cfg, _ = load_base(base["path"], base.get("step"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{run_dir} holds only adapter weights; its base model {base['path']} "
+                                f"is needed too ({e})") from None
+    if cfg.to_dict() != meta["model"]:
+        raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
+                         f"(its config changed); restore that base or retrain")
+    return apply_peft(model, meta["peft"], f"{run_dir} metadata")
+
+
 def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
     """(model, config, tokenizer or None, meta) from a training run's directory: needs nothing else."""
     from jaxllm.config import GPTConfig
@@ -106,9 +124,13 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
     try:
         meta = ckpt.read_meta(step)
         cfg = GPTConfig.from_dict(meta["model"])
-        model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-        graphdef, abstract = nnx.split(model)
-        model = nnx.merge(graphdef, ckpt.restore_model(abstract, step))
+        if meta.get("base"):  # only the PEFT weights were saved: base + fresh PEFT, then restore those
+            model = _peft_model(meta, run_dir)
+            nnx.update(model, ckpt.restore_model(nnx.state(model, PeftParam), step))
+        else:
+            model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+            graphdef, abstract = nnx.split(model)
+            model = nnx.merge(graphdef, ckpt.restore_model(abstract, step))
     finally:
         ckpt.close()
     tok_dir = pathlib.Path(run_dir) / "tokenizer"

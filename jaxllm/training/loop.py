@@ -69,13 +69,15 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                optim: OptimConfig, loop: LoopConfig, meta: dict,
                make_eval: Callable[[Any], Callable[[TrainState], dict]] | None = None,
                trainable=nnx.Param, tokens_per_step: int, flops_per_token: float,
-               on_start: Callable[[], None] | None = None) -> TrainResult:
+               on_start: Callable[[], None] | None = None, checkpoint_frozen: bool = True) -> TrainResult:
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
     batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis.
     make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
     data-parallel mesh the state lives on (None on one device).
     on_start() runs once the run directory is known good (e.g. to save the tokenizer there).
+    With checkpoint_frozen=False, checkpoints hold only the `trainable` weights (LoRA, adapters):
+    the frozen base is rebuilt from where `meta["base"]` says it came from.
     """
     optimizer = make_optimizer(optim)
     mesh = parallel.data_mesh(loop.batch_size, loop.devices)
@@ -85,7 +87,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         start = ckpt.latest_step()
         _check_resume_compatible(ckpt.read_meta(start), meta, ckpt.directory)
         # nnx.state() returns a copy: the restored weights must be written back into the model.
-        nnx.update(model, jax.device_put(ckpt.restore_model(nnx.state(model), start)))
+        saved = nnx.state(model) if checkpoint_frozen else nnx.state(model, trainable)
+        nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
     graphdef, state = init_train_state(model, optimizer, trainable)
     if start:
         restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
@@ -166,7 +169,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             if is_last or (loop.ckpt_interval and done % loop.ckpt_interval == 0):
                 drain()  # never checkpoint a state whose loss we have not checked
                 t_ckpt = time.perf_counter()
-                model_state = nnx.merge_state(state.trainable, state.frozen)
+                model_state = (nnx.merge_state(state.trainable, state.frozen) if checkpoint_frozen
+                               else state.trainable)
                 ckpt.save(done, model_state, {"step": state.step, "opt_state": state.opt_state}, meta)
                 checkpoint_seconds += time.perf_counter() - t_ckpt
             tick = time.perf_counter()

@@ -122,6 +122,16 @@ def make_val_evaluator(ds: TokenDataset, block_size: int, batch_size: int, max_b
     return make_eval
 
 
+def sample_text(model, tok, sample: SampleConfig) -> str | None:
+    """The end-of-run sample a training command prints (None when sample.max_new_tokens is 0)."""
+    if sample.max_new_tokens <= 0:
+        return None
+    prompt = tok.encode(sample.prompt) or [tok.eos_id or 0]
+    ids = generate(model, np.asarray(prompt), sample.max_new_tokens, temperature=sample.temperature,
+                   top_k=sample.top_k, key=jax.random.key(sample.seed))
+    return tok.decode(np.asarray(ids))
+
+
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     ds = load_or_prepare(config.data)
     cfg = resolve_model_config(config.model, ds.vocab_size)
@@ -149,12 +159,5 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         tokens_per_step=B * A * T, flops_per_token=cfg.flops_per_token(T), on_start=save_tokenizer)
     val_loss = result.evals[max(result.evals)]["val_loss"] if result.evals else None
 
-    text = None
-    if config.sample.max_new_tokens > 0:
-        tok = ds.tokenizer
-        prompt = tok.encode(config.sample.prompt) or [tok.eos_id or 0]
-        ids = generate(result.model, np.asarray(prompt), config.sample.max_new_tokens,
-                       temperature=config.sample.temperature, top_k=config.sample.top_k,
-                       key=jax.random.key(config.sample.seed))
-        text = tok.decode(np.asarray(ids))
+    text = sample_text(result.model, ds.tokenizer, config.sample)
     return PretrainResult(result, val_loss, text, cfg)

@@ -1,0 +1,139 @@
+"""`jaxllm lora`: a base run (or HF directory) tuned with LoRA / adapters / a prefix through the shared
+loop, checkpointing only the tuned weights, resuming exactly, and exporting adapter and merged model."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from helpers import run_main
+from jaxllm import peft
+from jaxllm.configfile import load_config
+from jaxllm.training.checkpoint import Checkpointer, load_checkpoint
+from jaxllm.training.lora import LoraRunConfig, run_lora
+from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+
+
+def _tune(root, base, *extra):
+    overrides = [f"init.path={base}", f"data.dataset_dir={root}/data", f"train.out_dir={root}/run",
+                 "train.batch_size=4", "train.max_iters=8", "train.eval_interval=4", "train.ckpt_interval=4",
+                 "train.log_interval=1", "train.progress=false", "train.tensorboard=false",
+                 "train.peak_flops=1e11", "data.eval_batch_size=8", "data.eval_batches=2",
+                 "optim.learning_rate=3e-2", "optim.warmup_iters=0", "optim.lr_decay_iters=8",
+                 "sample.max_new_tokens=4", *extra]
+    return run_lora(load_config(LoraRunConfig, None, overrides))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_overrides, corpus_file):
+    root = tmp_path_factory.mktemp("lora_base")
+    run_pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "sample.max_new_tokens=0", "train.max_iters=40",
+                                                             "optim.learning_rate=1e-2")))
+    return root / "run", corpus_file
+
+
+@pytest.fixture(scope="module")
+def tuned(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_run")
+    run, corpus = base
+    return root, _tune(root, run, f"data.source={corpus}")
+
+
+def _params(model, filter=nnx.Param):
+    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, filter))}
+
+
+def test_lora_run_trains_only_lora_and_lowers_val_loss(base, tuned):
+    _, result = tuned
+    before, _, _, _ = load_checkpoint(base[0])
+    after = result.train.model
+    base_params = _params(before)
+    tuned_params = _params(after)
+    lora = _params(after, peft.PeftParam)
+    assert lora and all(p in tuned_params for p in lora)
+    for path, value in base_params.items():  # every base weight is bit-identical
+        np.testing.assert_array_equal(tuned_params[path], value, err_msg=str(path))
+    assert set(tuned_params) - set(base_params) == set(lora)
+    assert result.report["trainable"] == sum(v.size for v in lora.values())
+    assert result.val_loss < result.val_loss_before
+
+
+def test_lora_checkpoints_hold_only_the_tuned_weights_and_reload_with_the_base(base, tuned):
+    root, result = tuned
+    ckpt = Checkpointer(root / "run", create=False)
+    try:
+        meta = ckpt.read_meta()
+        saved = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
+            model=ocp.args.StandardRestore()))["model"]
+    finally:
+        ckpt.close()
+    n_saved = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(saved))
+    assert n_saved == result.report["trainable"] < result.report["total"] // 10
+    assert meta["base"]["kind"] == "run" and meta["peft"]["lora"]
+    model, _, tok, _ = load_checkpoint(root / "run")
+    x = np.arange(16, dtype=np.int32)[None] % tok.vocab_size
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.train.model(x)))
+
+
+def test_lora_run_writes_adapter_files_that_reload_onto_the_base(base, tuned):
+    root, result = tuned
+    adapter = root / "run" / "adapter"
+    names = sorted(p.name for p in adapter.iterdir())
+    assert names == ["adapter.json", "adapter.safetensors", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    model, _, _, _ = load_checkpoint(base[0])
+    peft.load_adapter(model, adapter)
+    x = np.arange(16, dtype=np.int32)[None] % 8
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.train.model(x)))
+
+
+def test_resumed_lora_run_is_bit_identical(base, tuned, tmp_path):
+    run, corpus = base
+    _, full = tuned
+    data = f"data.source={corpus}"
+    _tune(tmp_path, run, data, "train.max_iters=4")
+    second = _tune(tmp_path, run, data, "train.resume=true")
+    assert [second.train.losses[s] for s in range(4, 8)] == [full.train.losses[s] for s in range(4, 8)]
+    a, b = _params(second.train.model, peft.PeftParam), _params(full.train.model, peft.PeftParam)
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("method", ["adapter", "prefix"])
+def test_adapter_and_prefix_runs_train_only_their_weights(base, tmp_path, method):
+    run, corpus = base
+    result = _tune(tmp_path, run, f"data.source={corpus}", f"peft.method={method}",
+                   "peft.prefix.num_virtual_tokens=4", "peft.adapter.reduction_factor=4",
+                   "train.eval_interval=0", "train.ckpt_interval=0")
+    trained = _params(result.train.model, peft.PeftParam)
+    kind = {"adapter": peft.AdapterParam, "prefix": peft.PrefixParam}[method]
+    assert trained and len(trained) == len(_params(result.train.model, kind))
+    before, _, _, _ = load_checkpoint(run)
+    for path, value in _params(before).items():
+        np.testing.assert_array_equal(_params(result.train.model)[path], value)
+    assert result.val_loss < result.val_loss_before
+
+
+def test_lora_cli_tunes_samples_and_exports_a_merged_hf_model(base, tmp_path):
+    run, corpus = base
+    args = ["lora", f"init.path={run}", f"data.source={corpus}", f"data.dataset_dir={tmp_path}/data",
+            f"train.out_dir={tmp_path}/run", "train.max_iters=3", "train.batch_size=4", "train.progress=false",
+            "train.tensorboard=false", "train.eval_interval=0", "train.peak_flops=1e11",
+            "data.eval_batches=1", "data.eval_batch_size=8", "sample.max_new_tokens=4"]
+    rc, out, err = run_main(args)
+    assert rc == 0, err
+    assert "Trainable params:" in out and "adapter:" in out
+    rc, out, err = run_main(["sample", "--ckpt", tmp_path / "run", "--max-new-tokens", "5", "--prompt", "ab"])
+    assert rc == 0, err
+    rc, out, err = run_main(["export-hf", "--ckpt", tmp_path / "run", "--out", tmp_path / "hf"])
+    assert rc == 0, err
+    from jaxllm.interop import from_hf
+    merged, _ = from_hf(tmp_path / "hf")
+    tuned, _, _, _ = load_checkpoint(tmp_path / "run")
+    x = np.arange(16, dtype=np.int32)[None] % 8
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned(x)), atol=1e-5)
+    rc, out, err = run_main(["lora", f"init.path={tmp_path}/missing", f"train.out_dir={tmp_path}/x"])
+    assert rc == 2 and "neither a jaxllm run directory" in err
