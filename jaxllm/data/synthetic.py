@@ -1,0 +1,207 @@
+"""Synthetic instruction tasks with exact answers, and an exact-match evaluator.
+
+Tasks (``TASKS``), each an instruction, an input and the one correct output:
+
+- ``add``: ``"123+45"`` -> ``"168"``; operands of 1..``n_digits`` digits. With ``reverse_sum``
+  the sum is written least-significant digit first (``"861"``), the order in which a
+  left-to-right model can compute carries.
+- ``reverse``: a random lowercase word of 2..``max_word_len`` letters -> the word reversed.
+- ``sort``: 2..``max_items`` digits or lowercase letters, comma-separated -> sorted ascending.
+- ``map``: 1..``max_words`` words of ``DICTIONARY`` -> each word looked up (English -> French).
+
+``make_splits`` draws train and held-out examples from a seed. Which split a prompt belongs to is
+a hash of (seed, task, input), so the splits are disjoint by construction and a held-out prompt
+stays held out however many examples are asked for. Records are Alpaca dicts (or prompt/completion
+or chat dicts) with an extra ``"task"`` key, ready for ``jaxllm.data.instruct.tokenize_records``.
+``task_tokenizer`` builds a char tokenizer covering every task, template and EOS/PAD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import string
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxllm.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, SpecialCharTokenizer, encode_spans,
+                                  example_spans, generation_split, resolve_special_ids, sft_char_tokenizer)
+from jaxllm.sampling import cut_at_eos, generate
+from jaxllm.tokenizer import Tokenizer
+
+TASKS = ("add", "reverse", "sort", "map")
+INSTRUCTIONS = {
+    "add": "Add the numbers.",
+    "reverse": "Reverse the word.",
+    "sort": "Sort the items.",
+    "map": "Translate the words.",
+}
+DICTIONARY = {
+    "cat": "chat", "dog": "chien", "red": "rouge", "blue": "bleu", "sun": "soleil", "moon": "lune",
+    "water": "eau", "house": "maison", "tree": "arbre", "bird": "oiseau", "fish": "poisson",
+    "bread": "pain", "milk": "lait", "book": "livre", "one": "un", "two": "deux",
+}
+_WORDS = sorted(DICTIONARY)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    n_digits: int = 3          # add: operands have 1..n_digits digits
+    reverse_sum: bool = False  # add: the sum least-significant digit first
+    max_word_len: int = 6      # reverse: words of 2..max_word_len letters
+    max_items: int = 5         # sort: 2..max_items items
+    max_words: int = 3         # map: 1..max_words words
+
+
+def _task_input_output(task: str, rng: np.random.Generator, s: TaskSettings) -> tuple[str, str]:
+    if task == "add":
+        a, b = (int(rng.integers(0, 10 ** int(rng.integers(1, s.n_digits + 1)))) for _ in range(2))
+        total = str(a + b)
+        return f"{a}+{b}", total[::-1] if s.reverse_sum else total
+    if task == "reverse":
+        word = "".join(rng.choice(list(string.ascii_lowercase), int(rng.integers(2, s.max_word_len + 1))))
+        return word, word[::-1]
+    if task == "sort":
+        pool = list(string.digits if rng.random() < 0.5 else string.ascii_lowercase)
+        items = [str(x) for x in rng.choice(pool, int(rng.integers(2, s.max_items + 1)))]
+        return ",".join(items), ",".join(sorted(items))
+    if task == "map":
+        words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), int(rng.integers(1, s.max_words + 1)))]
+        return " ".join(words), " ".join(DICTIONARY[w] for w in words)
+    raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+
+def _record(task: str, inp: str, out: str, format: str) -> dict:
+    instruction = INSTRUCTIONS[task]
+    if format == "alpaca":
+        return {"instruction": instruction, "input": inp, "output": out, "task": task}
+    if format == "prompt_completion":
+        return {"prompt": ALPACA_PROMPT.format(instruction=instruction, input=inp), "completion": out, "task": task}
+    if format == "chat":
+        return {"messages": [{"role": "user", "content": f"{instruction}\n{inp}"},
+                             {"role": "assistant", "content": out}], "task": task}
+    raise ValueError(f"unknown format {format!r}; valid: alpaca, prompt_completion, chat")
+
+
+def _held_out(seed: int, task: str, inp: str, eval_fraction: float) -> bool:
+    """A stable hash (Python's hash() is salted per process) decides the split of a prompt."""
+    digest = hashlib.blake2b(f"{seed}|{task}|{inp}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < eval_fraction
+
+
+def make_splits(n_train: int, n_eval: int, *, tasks: Sequence[str] = TASKS, seed: int = 0,
+                format: str = "alpaca", eval_fraction: float = 0.2,
+                settings: TaskSettings = TaskSettings()) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): ``n_train`` and ``n_eval`` distinct examples PER TASK, shuffled across
+    tasks, no input in both. Deterministic in (arguments, seed). ``eval_fraction`` is the share of
+    each task's input space reserved for held-out examples."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    train: list[dict] = []
+    held_out: list[dict] = []
+    for t, task in enumerate(tasks):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        rng = np.random.default_rng([seed, t])  # per task: one task's counts do not move another's
+        seen: set[str] = set()
+        want = {True: n_eval, False: n_train}
+        got: dict[bool, list[dict]] = {True: [], False: []}
+        budget = 1000 + 50 * (n_train + n_eval) / min(eval_fraction, 1 - eval_fraction)
+        while (len(got[True]) < n_eval or len(got[False]) < n_train) and budget > 0:
+            budget -= 1
+            inp, out = _task_input_output(task, rng, settings)
+            split = _held_out(seed, task, inp, eval_fraction)
+            if inp not in seen and len(got[split]) < want[split]:
+                seen.add(inp)
+                got[split].append(_record(task, inp, out, format))
+        if len(got[True]) < n_eval or len(got[False]) < n_train:
+            raise ValueError(f"task {task!r} gave only {len(got[False])} train / {len(got[True])} held-out "
+                             f"distinct examples of the {n_train} / {n_eval} asked; widen its settings")
+        train += got[False]
+        held_out += got[True]
+    # one shuffle stream per split: the held-out order does not depend on n_train either
+    order = [np.random.default_rng([seed, len(TASKS), split]).permutation(n) for split, n in
+             enumerate((len(train), len(held_out)))]
+    return [train[i] for i in order[0]], [held_out[i] for i in order[1]]
+
+
+def task_tokenizer(extra: str = "") -> SpecialCharTokenizer:
+    """A char tokenizer for every task in every format (templates, instructions, inputs, outputs)
+    and the characters of ``extra``, plus PAD (id 0) and EOS (id 1)."""
+    text = (extra + ALPACA_PROMPT + ALPACA_PROMPT_NO_INPUT + "<|system|><|user|><|assistant|>\n"
+            + "".join(INSTRUCTIONS.values()) + string.ascii_lowercase + string.digits + ",+ "
+            + "".join(DICTIONARY) + "".join(DICTIONARY.values()))
+    return sft_char_tokenizer(text)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class ExactMatchReport:
+    accuracy: float                # over all examples
+    per_task: dict[str, float]     # task -> accuracy ("all" for records without a "task" key)
+    counts: dict[str, int]         # task -> number of examples
+    predictions: list[str]         # decoded outputs, EOS and what follows removed
+
+    def __str__(self) -> str:
+        tasks = ", ".join(f"{t} {a:.3f} (n={self.counts[t]})" for t, a in sorted(self.per_task.items()))
+        return f"exact match {self.accuracy:.3f}: {tasks}"
+
+
+GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def greedy_generate_fn(model, eos_id: int, pad_id: int, batch_size: int = 32) -> GenerateFn:
+    """(prompts, max_new_tokens) -> new ids per prompt, greedy, through ``jaxllm.sampling.generate``.
+
+    All prompts are left-padded to one width and every batch has ``batch_size`` rows (the last is
+    filled with copies), so the decode loop compiles once; padding takes no position or attention,
+    so a row's tokens are what it would get alone."""
+
+    def run(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        B, P = min(batch_size, len(prompts)), max(len(p) for p in prompts)
+        new_ids: list[list[int]] = []
+        for start in range(0, len(prompts), B):
+            chunk = prompts[start:start + B]
+            rows = chunk + [chunk[-1]] * (B - len(chunk))
+            tokens_BP = np.full((B, P), pad_id, np.int32)
+            real_BP = np.zeros((B, P), bool)
+            for b, p in enumerate(rows):
+                tokens_BP[b, P - len(p):], real_BP[b, P - len(p):] = p, True
+            out = generate(model, tokens_BP, max_new_tokens, temperature=0.0, eos_id=eos_id,
+                           pad_id=pad_id, prompt_mask=real_BP)
+            new_ids += np.asarray(out)[:len(chunk), P:].tolist()
+        return new_ids
+
+    return run
+
+
+def exact_match(model, tokenizer: Tokenizer, examples: Sequence[dict], *, format: str = "auto",
+                batch_size: int = 32, max_new_tokens: int | None = None, eos_id: int | None = None,
+                pad_id: int | None = None, generate_fn: GenerateFn | None = None) -> ExactMatchReport:
+    """Greedy generation from each example's prompt (the same ids as in training: the spans before
+    its last response, see ``instruct.generation_split``), cut at EOS, decoded and compared with the
+    response text exactly. ``max_new_tokens`` defaults to the longest target + 1 (its EOS).
+    ``generate_fn`` replaces the model (then ``model`` may be None): a stub or an oracle."""
+    if not examples:
+        raise ValueError("exact_match needs at least one example")
+    eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
+    prompts, targets, tasks = [], [], []
+    for i, ex in enumerate(examples, start=1):
+        spans = example_spans(ex, format, source="<examples>", line=i)
+        prompt_spans, target = generation_split(spans)
+        prompts.append(encode_spans(prompt_spans, tokenizer, eos)[0])
+        targets.append(target)
+        tasks.append(ex.get("task", "all"))
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(t)) for t in targets) + 1
+    run = generate_fn or greedy_generate_fn(model, eos, pad, batch_size)
+    predictions = [tokenizer.decode(cut_at_eos(ids, eos)) for ids in run(prompts, max_new_tokens)]
+    if len(predictions) != len(examples):
+        raise ValueError(f"generate_fn returned {len(predictions)} outputs for {len(examples)} prompts")
+    hits = [p == t for p, t in zip(predictions, targets)]
+    counts = {t: tasks.count(t) for t in dict.fromkeys(tasks)}
+    per_task = {t: sum(h for h, tt in zip(hits, tasks) if tt == t) / n for t, n in counts.items()}
+    return ExactMatchReport(sum(hits) / len(hits), per_task, counts, predictions)
