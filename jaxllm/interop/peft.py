@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxllm.fileio import new_dir
 from jaxllm.interop.hf import HF_PREFIX
-from jaxllm.peft.files import AdapterFileError, fill_peft_state
+from jaxllm.peft.files import AdapterFileError, all_or_nothing, fill_peft_state
 from jaxllm.peft.lora import LoraConfig, add_lora, linear_layers, lora_layers, target_parts
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -169,11 +169,13 @@ def load_peft(model: nnx.Module, path) -> nnx.Module:
             a, b = A.T[None], B.T[None]
         groups.setdefault(dataclasses.replace(config_l, target=("-",)), []).extend(config_l.target)
         values[f"{name}.lora.a"], values[f"{name}.lora.b"] = a, b
-    if any(lin.lora is not None for lin in layers.values()):
-        raise ValueError("the model already has LoRA; load a PEFT adapter onto a plain base model")
-    for config_l, targets in groups.items():
-        add_lora(model, dataclasses.replace(config_l, target=tuple(targets)))
-    fill_peft_state(model, values, str(weights))
+    with all_or_nothing(model):
+        for config_l, targets in groups.items():
+            try:
+                add_lora(model, dataclasses.replace(config_l, target=tuple(targets)))
+            except ValueError as e:
+                raise PeftFileError(f"{weights}: {e}") from None
+        fill_peft_state(model, values, str(weights))
     return model
 
 

@@ -44,6 +44,16 @@ def peft_modules(model: nnx.Module) -> list[tuple[tuple, PeftModule]]:
     return [(path, m) for path, m in model.iter_modules() if isinstance(m, PeftModule)]
 
 
+def remove_peft(model: nnx.Module) -> nnx.Module:
+    """Take every LoRA, adapter and prefix off the model (merged LoRA stays folded in the kernels)."""
+    for path, _ in peft_modules(model):
+        parent = model
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+        setattr(parent, path[-1], None)
+    return model
+
+
 @contextlib.contextmanager
 def disabled(model: nnx.Module):
     """Run the base model alone inside the block: every LoRA, adapter and prefix is skipped.

@@ -9,6 +9,7 @@ A LoRA-only model also gets PEFT's own files in the same directory (see jaxllm.i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ from flax import nnx
 
 from jaxllm.fileio import new_dir
 from jaxllm.peft.adapter import AdapterConfig, add_adapters
-from jaxllm.peft.common import PeftModule, PeftParam, peft_modules
+from jaxllm.peft.common import PeftModule, PeftParam, peft_modules, remove_peft
 from jaxllm.peft.lora import LoRA, LoraConfig, add_lora
 from jaxllm.peft.prefix import Prefix, PrefixConfig, add_prefix
 
@@ -133,9 +134,22 @@ def load_adapter(model: nnx.Module, path) -> nnx.Module:
             f"{path} was trained for another model shape: "
             + ", ".join(f"{k} saved {a} vs model {b}" for k, (a, b) in diff.items())
             + "; load it onto the base model it was trained on")
-    apply_peft(model, meta, where)
-    fill_peft_state(model, load_file(str(path / WEIGHTS_FILE)), str(path / WEIGHTS_FILE))
+    with all_or_nothing(model):
+        apply_peft(model, meta, where)
+        fill_peft_state(model, load_file(str(path / WEIGHTS_FILE)), str(path / WEIGHTS_FILE))
     return model
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nnx.Module):
+    """Loading an adapter either completes or leaves the model as plain as it was."""
+    if peft_modules(model):
+        raise ValueError("the model already carries LoRA/adapters/prefix; load an adapter onto a plain base model")
+    try:
+        yield
+    except BaseException:
+        remove_peft(model)
+        raise
 
 
 def fill_peft_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> None:
