@@ -1,4 +1,4 @@
-"""`jaxllm <command>`: prepare | pretrain | lora | sample | export-hf."""
+"""`jaxllm <command>`: prepare | pretrain | lora | sft | sample | export-hf."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def _cmd_lora(args) -> None:
     if config.peft.method != "full":
         print(f"adapter: {result.adapter_dir}  (jaxllm.peft.load_adapter"
               + ("; peft.PeftModel.from_pretrained" if config.peft.method == "lora" else "") + ")")
+
+
+def _cmd_sft(args) -> None:
+    from jaxllm.alignment.sft import SFTConfig, run_sft
+
+    config = _stage_config(SFTConfig, args)
+    result = run_sft(config)
+    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        if "exact_match" in metrics:
+            tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("exact_match/"))
+            print(f"held-out exact match {name}: {metrics['exact_match']:.1%} ({tasks})")
 
 
 def _cmd_sample(args) -> None:
@@ -142,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     pl.set_defaults(func=_cmd_lora)
 
+    pf = sub.add_parser("sft", help="instruction tuning (no arguments: a small model on the synthetic tasks)")
+    pf.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. "
+                                                "data.train_file=train.jsonl data.eval_file=eval.jsonl init.path=RUN")
+    pf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pf.set_defaults(func=_cmd_sft)
+
     ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
     ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")
     ps.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args so `key=value` overrides may also follow options like --resume
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("pretrain", "lora") or any(e.startswith("-") for e in extra):
+        if args.command not in ("pretrain", "lora", "sft") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.settings += extra
     from jaxllm import parallel

@@ -75,17 +75,22 @@ def _assign(lengths: Sequence[int], seq_len: int, strategy: str) -> list[list[in
         raise ValueError(f"unknown packing strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     rows: list[list[int]] = []
     room: list[int] = []
+    shortest = min(lengths, default=0)
+    open_rows: list[int] = []  # rows (oldest first) that could still take the shortest example
     for i, n in enumerate(lengths):
         if strategy == "sequential":
             r = len(rows) - 1 if rows and room[-1] >= n else None
-        else:
-            r = next((r for r, free in enumerate(room) if free >= n), None)
+        else:  # scanning only open rows keeps first-fit fast: full rows are never candidates
+            r = next((r for r in open_rows if room[r] >= n), None)
         if r is None:
             rows.append([])
             room.append(seq_len)
             r = len(rows) - 1
+            open_rows.append(r)
         rows[r].append(i)
         room[r] -= n
+        if room[r] < shortest and r in open_rows:
+            open_rows.remove(r)
     return rows
 
 

@@ -9,6 +9,9 @@ Tasks (``TASKS``), each an instruction, an input and the one correct output:
 - ``sort``: 2..``max_items`` digits or lowercase letters, comma-separated -> sorted ascending.
 - ``map``: 1..``max_words`` words of ``DICTIONARY`` -> each word looked up (English -> French).
 
+Records come in every instruction format (``alpaca``, ``prompt_completion``, ``chat``) and in
+``compact``: a prompt/completion pair with no template, ``"add 123+45="`` -> ``"168"``.
+
 ``make_splits`` draws train and held-out examples from a seed. Which split a prompt belongs to is
 a hash of (seed, task, input), so the splits are disjoint by construction and a held-out prompt
 stays held out however many examples are asked for. Records are Alpaca dicts (or prompt/completion
@@ -31,6 +34,9 @@ from jaxllm.sampling import cut_at_eos, generate
 from jaxllm.tokenizer import Tokenizer
 
 TASKS = ("add", "reverse", "sort", "map")
+# "compact" is prompt/completion without a template ("reverse abc=" -> "cba"): about 6x fewer
+# tokens per example than Alpaca's template, which is what a CPU-sized run can afford
+RECORD_FORMATS = ("alpaca", "prompt_completion", "chat", "compact")
 INSTRUCTIONS = {
     "add": "Add the numbers.",
     "reverse": "Reverse the word.",
@@ -81,7 +87,9 @@ def _record(task: str, inp: str, out: str, format: str) -> dict:
     if format == "chat":
         return {"messages": [{"role": "user", "content": f"{instruction}\n{inp}"},
                              {"role": "assistant", "content": out}], "task": task}
-    raise ValueError(f"unknown format {format!r}; valid: alpaca, prompt_completion, chat")
+    if format == "compact":  # a prompt/completion record with no template: "add 12+5=" -> "17"
+        return {"prompt": f"{task} {inp}=", "completion": out, "task": task}
+    raise ValueError(f"unknown format {format!r}; valid: {', '.join(RECORD_FORMATS)}")
 
 
 def _held_out(seed: int, task: str, inp: str, eval_fraction: float) -> bool:
@@ -90,12 +98,18 @@ def _held_out(seed: int, task: str, inp: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2.0**64 < eval_fraction
 
 
+_EXHAUSTED = 5000  # draws without a new input after which a task's space counts as used up
+
+
 def make_splits(n_train: int, n_eval: int, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                 format: str = "alpaca", eval_fraction: float = 0.2,
-                settings: TaskSettings = TaskSettings()) -> tuple[list[dict], list[dict]]:
+                settings: TaskSettings = TaskSettings(),
+                train_at_most: bool = False) -> tuple[list[dict], list[dict]]:
     """(train, held_out): ``n_train`` and ``n_eval`` distinct examples PER TASK, shuffled across
     tasks, no input in both. Deterministic in (arguments, seed). ``eval_fraction`` is the share of
-    each task's input space reserved for held-out examples."""
+    each task's input space reserved for held-out examples. With ``train_at_most``, a task whose
+    input space holds fewer than ``n_train`` train examples gives all it has (``map`` has a few
+    thousand) instead of an error; the held-out count is always exact."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     train: list[dict] = []
@@ -108,14 +122,17 @@ def make_splits(n_train: int, n_eval: int, *, tasks: Sequence[str] = TASKS, seed
         want = {True: n_eval, False: n_train}
         got: dict[bool, list[dict]] = {True: [], False: []}
         budget = 1000 + 50 * (n_train + n_eval) / min(eval_fraction, 1 - eval_fraction)
-        while (len(got[True]) < n_eval or len(got[False]) < n_train) and budget > 0:
+        misses = 0  # draws in a row that found nothing new: the input space is exhausted
+        while (len(got[True]) < n_eval or len(got[False]) < n_train) and budget > 0 and misses < _EXHAUSTED:
             budget -= 1
             inp, out = _task_input_output(task, rng, settings)
             split = _held_out(seed, task, inp, eval_fraction)
+            misses += 1
             if inp not in seen and len(got[split]) < want[split]:
                 seen.add(inp)
                 got[split].append(_record(task, inp, out, format))
-        if len(got[True]) < n_eval or len(got[False]) < n_train:
+                misses = 0
+        if len(got[True]) < n_eval or (len(got[False]) < n_train and not (train_at_most and got[False])):
             raise ValueError(f"task {task!r} gave only {len(got[False])} train / {len(got[True])} held-out "
                              f"distinct examples of the {n_train} / {n_eval} asked; widen its settings")
         train += got[False]
@@ -130,7 +147,7 @@ def task_tokenizer(extra: str = "") -> SpecialCharTokenizer:
     """A char tokenizer for every task in every format (templates, instructions, inputs, outputs)
     and the characters of ``extra``, plus PAD (id 0) and EOS (id 1)."""
     text = (extra + ALPACA_PROMPT + ALPACA_PROMPT_NO_INPUT + "<|system|><|user|><|assistant|>\n"
-            + "".join(INSTRUCTIONS.values()) + string.ascii_lowercase + string.digits + ",+ "
+            + "".join(INSTRUCTIONS.values()) + "".join(TASKS) + string.ascii_lowercase + string.digits + ",+= "
             + "".join(DICTIONARY) + "".join(DICTIONARY.values()))
     return sft_char_tokenizer(text)
 

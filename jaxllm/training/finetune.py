@@ -86,3 +86,11 @@ def tokenizer_spec(data_tokenizer: typing.Optional[str], base_path, base_tok) ->
     if base_tok is not None:
         return str(p)
     raise ValueError(f"the base {p} has no tokenizer; set data.tokenizer (e.g. gpt2 or a tokenizer.json)")
+
+
+def evaluate_model(model, trainable, make_eval) -> dict:
+    """Run a stage's evaluator on a model outside the loop (the "before tuning" numbers)."""
+    from jaxllm.training.step import TrainState, split_model
+
+    graphdef, train_vars, frozen = split_model(model, trainable)
+    return make_eval(graphdef, None)(TrainState(None, train_vars, frozen, None))

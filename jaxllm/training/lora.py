@@ -19,7 +19,8 @@ import typing
 from jaxllm.configfile import to_dict
 from jaxllm.peft import format_report, parameter_report, save_adapter
 from jaxllm.peft.files import describe_peft
-from jaxllm.training.finetune import PeftSection, apply_method, base_kind, load_base, tokenizer_spec
+from jaxllm.training.finetune import (PeftSection, apply_method, base_kind, evaluate_model, load_base,
+                                      tokenizer_spec)
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
 from jaxllm.training.pretrain import SampleConfig, load_or_prepare, make_val_evaluator, sample_text
@@ -30,7 +31,7 @@ ADAPTER_SUBDIR = "adapter"
 
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
-    path: str = "runs/shakespeare-char"   # a jaxllm run directory or an HF GPT-2 directory
+    path: typing.Optional[str] = "runs/shakespeare-char"   # a jaxllm run dir or an HF GPT-2 dir
     step: typing.Optional[int] = None     # checkpoint step of a jaxllm run (default: latest)
 
 
@@ -72,6 +73,8 @@ class LoraRunResult:
 def run_lora(config: LoraRunConfig) -> LoraRunResult:
     from jaxllm.training.pretrain import DataConfig
 
+    if not config.init.path:
+        raise ValueError("init.path is required: the jaxllm run or HF GPT-2 directory to tune")
     model, cfg, base_tok = load_base(config.init.path, config.init.step)
     d = config.data
     tok_spec = tokenizer_spec(d.tokenizer, config.init.path, base_tok)
@@ -108,7 +111,7 @@ def run_lora(config: LoraRunConfig) -> LoraRunResult:
         meta["base"] = {"path": str(pathlib.Path(config.init.path).expanduser().absolute()),
                         "step": config.init.step, "kind": base_kind(config.init.path)}
         meta["peft"] = describe_peft(model)
-    before = _val_loss(model, trainable, make_eval)
+    before = evaluate_model(model, trainable, make_eval)["val_loss"]
     result = train_loop(model, lm_loss_fn, batch_fn, optim=config.optim, loop=loop, meta=meta,
                         make_eval=make_eval, trainable=trainable, tokens_per_step=B * A * T,
                         flops_per_token=cfg.flops_per_token(T), on_start=save_tokenizer,
@@ -119,12 +122,3 @@ def run_lora(config: LoraRunConfig) -> LoraRunResult:
         save_adapter(result.model, adapter_dir, overwrite=True, base=meta["base"]["path"])
 
     return LoraRunResult(result, before, val, report, adapter_dir, sample_text(result.model, ds.tokenizer, config.sample))
-
-
-def _val_loss(model, trainable, make_eval) -> float:
-    """Validation loss of the model as it starts (base + fresh PEFT), for the before/after report."""
-    from jaxllm.training.step import TrainState, split_model
-
-    graphdef, train_vars, frozen = split_model(model, trainable)
-    state = TrainState(None, train_vars, frozen, None)
-    return float(make_eval(graphdef, None)(state)["val_loss"])

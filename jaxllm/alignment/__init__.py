@@ -1,0 +1,1 @@
+"""Training stages after pretraining, each a loss plus a driver around the shared loop."""
