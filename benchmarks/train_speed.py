@@ -321,6 +321,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options every subprocess-per-measurement benchmark here shares."""
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="seconds to wait for other processes to leave the CPUs before each measurement "
+                         "(default 120, --quick 0)")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, torch eager only, few steps")
@@ -328,12 +338,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
-    ap.add_argument("--quiet-wait", type=float, default=None,
-                    help="seconds to wait for other processes to leave the CPUs before each measurement "
-                         "(default 120, --quick 0)")
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_run_args(ap)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))

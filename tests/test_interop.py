@@ -28,6 +28,7 @@ from jaxllm.interop.hf import hf_tensor_specs, model_from_hf_state, model_to_hf_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
 from benchmarks.torch_gpt import TorchGPT  # noqa: E402
+from helpers import random_hf_arrays  # noqa: E402
 
 V, T, D, L, H = 97, 32, 64, 2, 4
 LOGIT_ATOL = 1e-4
@@ -81,12 +82,7 @@ def _jax_model(seed=0, **kw):
     XLA programs): matrices ~N(0, 0.02), LayerNorm gains 1 +- 0.05, biases +- 0.05."""
     cfg = jaxllm.GPTConfig(**{**dict(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=D,
                                      dropout=0.0), **kw})
-    rng = np.random.RandomState(seed)
-    arrays = {}
-    for name, spec in hf_tensor_specs(cfg).items():
-        noise = rng.standard_normal(spec.shape).astype(np.float32)
-        gain = name.endswith(".weight") and len(spec.shape) == 1
-        arrays[name] = 1.0 + 0.05 * noise if gain else (0.05 if spec.is_bias else 0.02) * noise
+    arrays = random_hf_arrays(cfg, seed)
     if not cfg.bias:
         arrays = {n: a for n, a in arrays.items() if not hf_tensor_specs(cfg)[n].is_bias}
     return model_from_hf_state(arrays, cfg), cfg

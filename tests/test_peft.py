@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY, random_tokens
+from helpers import TINY, random_hf_arrays, random_tokens
 
 import jaxllm
-from jaxllm.interop.hf import hf_tensor_specs, model_from_hf_state
+from jaxllm.interop.hf import model_from_hf_state
 from jaxllm.peft import (AdapterConfig, AdapterFileError, LoraConfig, PeftFileError, PeftParam,
                          PrefixConfig, add_adapters, add_lora, add_prefix, disabled, format_report,
                          load_adapter, load_peft, lora_layers, merge, parameter_report, peft_modules,
@@ -38,13 +38,7 @@ REF = dict(rtol=0, atol=1e-5)        # float32 model vs float64 reference
 
 @functools.lru_cache(maxsize=None)
 def _base_split(cfg, seed):
-    rng = np.random.RandomState(seed)
-    arrays = {}
-    for name, spec in hf_tensor_specs(cfg).items():
-        noise = rng.standard_normal(spec.shape).astype(np.float32)
-        gain = name.endswith(".weight") and len(spec.shape) == 1
-        arrays[name] = 1.0 + 0.05 * noise if gain else (0.05 if spec.is_bias else 0.02) * noise
-    return nnx.split(model_from_hf_state(arrays, cfg))
+    return nnx.split(model_from_hf_state(random_hf_arrays(cfg, seed), cfg))
 
 
 def base_model(cfg=TINY, seed=0):

@@ -58,6 +58,7 @@ class SFTDataConfig:
     task_seed: int = 0
     n_digits: int = 3                         # addition operands up to this many digits
     reverse_sum: bool = True                  # sums written least-significant digit first
+    pad_operands: bool = True                 # operands zero-padded to n_digits: "add 007+120="
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _records(config: SFTConfig):
     d = config.data
     if d.train_file is None:
         tasks = tuple(t.strip() for t in d.tasks.split(",") if t.strip())
-        settings = TaskSettings(n_digits=d.n_digits, reverse_sum=d.reverse_sum)
+        settings = TaskSettings(n_digits=d.n_digits, reverse_sum=d.reverse_sum, pad_operands=d.pad_operands)
         train, held = make_splits(d.n_train, d.n_eval, tasks=tasks, seed=d.task_seed,
                                    format=d.task_format, settings=settings, train_at_most=True)
         return train, held, "synthetic tasks " + ",".join(tasks)

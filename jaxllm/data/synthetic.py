@@ -4,7 +4,8 @@ Tasks (``TASKS``), each an instruction, an input and the one correct output:
 
 - ``add``: ``"123+45"`` -> ``"168"``; operands of 1..``n_digits`` digits. With ``reverse_sum``
   the sum is written least-significant digit first (``"861"``), the order in which a
-  left-to-right model can compute carries.
+  left-to-right model can compute carries; with ``pad_operands`` the operands are zero-padded to
+  ``n_digits`` (``"123+045"``), so digits of equal weight sit at fixed offsets.
 - ``reverse``: a random lowercase word of 2..``max_word_len`` letters -> the word reversed.
 - ``sort``: 2..``max_items`` digits or lowercase letters, comma-separated -> sorted ascending.
 - ``map``: 1..``max_words`` words of ``DICTIONARY`` -> each word looked up (English -> French).
@@ -55,6 +56,7 @@ _WORDS = sorted(DICTIONARY)
 class TaskSettings:
     n_digits: int = 3          # add: operands have 1..n_digits digits
     reverse_sum: bool = False  # add: the sum least-significant digit first
+    pad_operands: bool = False  # add: operands zero-padded to n_digits ("007+120"), digits aligned
     max_word_len: int = 6      # reverse: words of 2..max_word_len letters
     max_items: int = 5         # sort: 2..max_items items
     max_words: int = 3         # map: 1..max_words words
@@ -64,7 +66,8 @@ def _task_input_output(task: str, rng: np.random.Generator, s: TaskSettings) -> 
     if task == "add":
         a, b = (int(rng.integers(0, 10 ** int(rng.integers(1, s.n_digits + 1)))) for _ in range(2))
         total = str(a + b)
-        return f"{a}+{b}", total[::-1] if s.reverse_sum else total
+        width = s.n_digits if s.pad_operands else 0
+        return f"{a:0{width}d}+{b:0{width}d}", total[::-1] if s.reverse_sum else total
     if task == "reverse":
         word = "".join(rng.choice(list(string.ascii_lowercase), int(rng.integers(2, s.max_word_len + 1))))
         return word, word[::-1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 import typing
 
 from jaxllm.configfile import to_dict
@@ -23,7 +22,8 @@ from jaxllm.training.finetune import (PeftSection, apply_method, base_kind, eval
                                       tokenizer_spec)
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
-from jaxllm.training.pretrain import SampleConfig, load_or_prepare, make_val_evaluator, sample_text
+from jaxllm.training.pretrain import (SampleConfig, corpus_batches, load_or_prepare, make_val_evaluator,
+                                      sample_text)
 from jaxllm.training.step import lm_loss_fn
 
 ADAPTER_SUBDIR = "adapter"
@@ -95,15 +95,7 @@ def run_lora(config: LoraRunConfig) -> LoraRunResult:
     loop = config.train
     B, A = loop.batch_size, loop.grad_accum
     make_eval = make_val_evaluator(ds, T, d.eval_batch_size, d.eval_batches)
-
-    def batch_fn(step):
-        x, y = ds.sample_batch("train", loop.seed, step, B * A, T)
-        return x.reshape(A, B, T), y.reshape(A, B, T)
-
-    def save_tokenizer():
-        dst = pathlib.Path(loop.out_dir) / "tokenizer"
-        if not dst.exists():
-            shutil.copytree(ds.path / "tokenizer", dst)
+    batch_fn, save_tokenizer = corpus_batches(ds, loop, T)
 
     peft_only = config.peft.method != "full"
     meta = {"kind": "lora", "model": cfg.to_dict(), "config": to_dict(config), "data": ds.meta}

@@ -122,6 +122,24 @@ def make_val_evaluator(ds: TokenDataset, block_size: int, batch_size: int, max_b
     return make_eval
 
 
+def corpus_batches(ds: TokenDataset, loop: LoopConfig, T: int):
+    """(batch_fn, save_tokenizer) for a next-token stage on a token corpus: batch_fn(step) is a pure
+    function of (seed, step) with the accumulation axis in front; save_tokenizer copies the
+    dataset's tokenizer into the run directory, so the run can be sampled from on its own."""
+    B, A = loop.batch_size, loop.grad_accum
+
+    def batch_fn(step):
+        x, y = ds.sample_batch("train", loop.seed, step, B * A, T)
+        return x.reshape(A, B, T), y.reshape(A, B, T)
+
+    def save_tokenizer():
+        dst = pathlib.Path(loop.out_dir) / "tokenizer"
+        if not dst.exists():
+            shutil.copytree(ds.path / "tokenizer", dst)
+
+    return batch_fn, save_tokenizer
+
+
 def sample_text(model, tok, sample: SampleConfig) -> str | None:
     """The end-of-run sample a training command prints (None when sample.max_new_tokens is 0)."""
     if sample.max_new_tokens <= 0:
@@ -142,16 +160,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
           f"{cfg.n_embd} wide, block {cfg.block_size}); data: {ds}")
 
     B, A, T = loop.batch_size, loop.grad_accum, cfg.block_size
-
-    def batch_fn(step):
-        x, y = ds.sample_batch("train", loop.seed, step, B * A, T)
-        return x.reshape(A, B, T), y.reshape(A, B, T)
-
-    def save_tokenizer():
-        dst = pathlib.Path(loop.out_dir) / "tokenizer"
-        if not dst.exists():
-            shutil.copytree(ds.path / "tokenizer", dst)
-
+    batch_fn, save_tokenizer = corpus_batches(ds, loop, T)
     meta = {"kind": "pretrain", "model": cfg.to_dict(), "config": to_dict(config), "data": ds.meta}
     result = train_loop(
         model, lm_loss_fn, batch_fn, optim=config.optim, loop=loop, meta=meta,
