@@ -76,10 +76,10 @@ class SFTConfig:
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     eval: SFTEvalConfig = dataclasses.field(default_factory=SFTEvalConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        learning_rate=2e-3, min_lr=2e-4, warmup_iters=100, lr_decay_iters=3000, beta2=0.99))
+        learning_rate=2e-3, min_lr=2e-4, warmup_iters=100, lr_decay_iters=1500, beta2=0.99))
     train: LoopConfig = dataclasses.field(default_factory=lambda: LoopConfig(
-        out_dir="runs/sft", batch_size=32, max_iters=3000, eval_interval=1000, log_interval=20,
-        ckpt_interval=1000))
+        out_dir="runs/sft", batch_size=32, max_iters=1500, eval_interval=500, log_interval=20,
+        ckpt_interval=500))
 
 
 @dataclasses.dataclass
