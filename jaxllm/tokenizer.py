@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 CONFIG_NAME = "tokenizer_config.json"
+CHAR_EOS, CHAR_PAD = "\x03", "\x00"  # a char vocabulary's EOS (ETX) and PAD (NUL), when it has them
 HF_FILE_NAME = "tokenizer.json"
 KINDS = ("char", "bpe", "gpt2", "hf")
 
@@ -122,6 +123,18 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    # Two ASCII control characters serve as specials when a vocabulary holds them (instruction
+    # tuning reserves them, see jaxllm.data.instruct.sft_char_tokenizer): ETX, "end of text", is
+    # EOS and NUL is padding. They are ordinary characters of the saved vocabulary, so a reloaded
+    # tokenizer finds them again.
+    @property
+    def eos_id(self) -> int | None:
+        return self._stoi.get(CHAR_EOS)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._stoi.get(CHAR_PAD)
 
     def encode(self, text: str) -> list[int]:
         stoi = self._stoi

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxllm.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, MAX_REASONS, InstructDataError,
-                                  SpecialCharTokenizer, load_instruct, resolve_special_ids,
+                                  load_instruct, resolve_special_ids,
                                   sft_char_tokenizer, tokenize_records)
 from jaxllm.data.packing import (make_rows, model_inputs, pack_examples, pad_examples,
                                  segment_attention_mask)
@@ -100,8 +100,8 @@ def test_pad_id_is_never_eos():
 
 def test_char_specials_survive_save_and_load(tmp_path):
     loaded = load_tokenizer(TOK.save(tmp_path / "tok"))
-    assert type(loaded) is CharTokenizer and loaded.eos_id is None  # plain char tokenizer on disk
-    assert resolve_special_ids(loaded) == (EOS, PAD)               # found again by character
+    assert type(loaded) is CharTokenizer and (loaded.eos_id, loaded.pad_id) == (EOS, PAD)
+    assert resolve_special_ids(loaded) == (EOS, PAD)
 
 
 def test_padding_has_pad_token_segment_zero_and_ignored_label():
@@ -326,8 +326,8 @@ def test_synthetic_records_tokenize_in_every_format(fmt):
     train, _ = make_splits(10, 2, seed=0, format=fmt)
     ds = tokenize_records(train, TOK)
     assert ds.stats.format == fmt and ds.stats.kept == len(train) and ds.stats.skipped == 0
-    assert isinstance(TOK, SpecialCharTokenizer)
     assert sft_char_tokenizer("ab").chars[:2] == ["\x00", "\x03"]
+    assert (TOK.pad_id, TOK.eos_id) == (0, 1)
 
 
 def _oracle(examples, wrong=()):

@@ -137,3 +137,16 @@ def test_lora_cli_tunes_samples_and_exports_a_merged_hf_model(base, tmp_path):
     np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned(x)), atol=1e-5)
     rc, out, err = run_main(["lora", f"init.path={tmp_path}/missing", f"train.out_dir={tmp_path}/x"])
     assert rc == 2 and "neither a jaxllm run directory" in err
+
+
+def test_lora_tunes_a_hugging_face_directory_with_its_own_tokenizer(base, tmp_path):
+    from jaxllm.interop import checkpoint_to_hf
+
+    run, corpus = base
+    hf_dir = checkpoint_to_hf(run, tmp_path / "hf")   # config.json + model.safetensors + tokenizer files
+    result = _tune(tmp_path, hf_dir, f"data.source={corpus}", "train.eval_interval=0", "train.ckpt_interval=0")
+    assert result.val_loss < result.val_loss_before
+    model, _, _, meta = load_checkpoint(tmp_path / "run")   # rebuilt from the HF base + the LoRA
+    assert meta["base"]["kind"] == "hf"
+    x = np.arange(16, dtype=np.int32)[None] % 8
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.train.model(x)))

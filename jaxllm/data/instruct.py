@@ -26,8 +26,9 @@ Label convention (Hugging Face's): labels are aligned with the ids, ``labels[i] 
 response tokens and EOS, ``IGNORE_INDEX`` (-100) on prompt tokens and padding; the loss shifts
 (``jaxllm.losses.next_token_loss``: logits at t predict labels[t + 1]).
 
-Special ids (``resolve_special_ids``): EOS is ``eos_id=`` if given, else the tokenizer's. Char
-tokenizers have no special tokens, so ``sft_char_tokenizer`` reserves two control characters,
+Special ids (``resolve_special_ids``): EOS is ``eos_id=`` if given, else the tokenizer's. A char
+tokenizer built from a corpus has no specials, so ``sft_char_tokenizer`` adds two control characters
+that ``CharTokenizer`` recognises,
 ``"\\x03"`` (ETX) as EOS and ``"\\x00"`` (NUL) as PAD; they survive ``save``/``load_tokenizer`` as
 ordinary characters and are found again by character. PAD is ``pad_id=`` if given, else the
 tokenizer's pad id if it differs from EOS, else id 0 (id 1 when EOS is 0). Padding is masked out of
@@ -49,14 +50,13 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from jaxllm.losses import IGNORE_INDEX
-from jaxllm.tokenizer import CharTokenizer, Tokenizer
+from jaxllm.tokenizer import CHAR_EOS, CHAR_PAD, CharTokenizer, Tokenizer
 
 FORMATS = ("alpaca", "prompt_completion", "chat")
 ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("keep_start", "drop")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-CHAR_EOS, CHAR_PAD = "\x03", "\x00"  # reserved by sft_char_tokenizer
 MAX_REASONS = 5                      # skip reasons kept in the stats (the count is always exact)
 
 Spans = list[tuple[str, bool]]
@@ -82,36 +82,23 @@ class _FieldError(Exception):
 # --------------------------------------------------------------------------- special ids
 
 
-class SpecialCharTokenizer(CharTokenizer):
-    """A char tokenizer whose vocabulary holds the reserved EOS/PAD control characters."""
-
-    @property
-    def eos_id(self) -> int:
-        return self._stoi[CHAR_EOS]
-
-    @property
-    def pad_id(self) -> int:
-        return self._stoi[CHAR_PAD]
-
-
-def sft_char_tokenizer(text: str) -> SpecialCharTokenizer:
-    """Char tokenizer over ``text``'s characters plus PAD (``\\x00``, id 0) and EOS (``\\x03``, id 1)."""
-    return SpecialCharTokenizer(sorted(set(text) | {CHAR_EOS, CHAR_PAD}))
+def sft_char_tokenizer(text: str) -> CharTokenizer:
+    """Char tokenizer over ``text``'s characters plus PAD (``\\x00``, id 0) and EOS (``\\x03``, id 1),
+    which CharTokenizer recognises as its specials."""
+    return CharTokenizer(sorted(set(text) | {CHAR_EOS, CHAR_PAD}))
 
 
 def resolve_special_ids(tokenizer: Tokenizer, eos_id: int | None = None,
                         pad_id: int | None = None) -> tuple[int, int]:
     """(eos_id, pad_id) for SFT, by the rule in the module docstring; pad is never EOS."""
-    stoi = tokenizer._stoi if isinstance(tokenizer, CharTokenizer) else {}
     eos = eos_id if eos_id is not None else tokenizer.eos_id
-    eos = eos if eos is not None else stoi.get(CHAR_EOS)
     if eos is None:
         raise ValueError(
             f"{tokenizer!r} has no EOS token, and SFT appends EOS after every response so the model "
             f"learns to stop: pass eos_id=, or build a char tokenizer with sft_char_tokenizer(text), "
             f"which reserves {CHAR_EOS!r} as EOS and {CHAR_PAD!r} as PAD")
     if pad_id is None:
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else stoi.get(CHAR_PAD)
+        pad = tokenizer.pad_id
         pad_id = pad if pad is not None and pad != eos else (1 if eos == 0 else 0)
     elif pad_id == eos:
         raise ValueError(f"pad_id={pad_id} is the EOS id; padding must differ from EOS (EOS is a trained "

@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxllm.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, SpecialCharTokenizer, encode_spans,
+from jaxllm.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, encode_spans,
                                   example_spans, generation_split, resolve_special_ids, sft_char_tokenizer)
 from jaxllm.sampling import cut_at_eos, generate
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer import CharTokenizer, Tokenizer
 
 TASKS = ("add", "reverse", "sort", "map")
 # "compact" is prompt/completion without a template ("reverse abc=" -> "cba"): about 6x fewer
@@ -146,7 +146,7 @@ def make_splits(n_train: int, n_eval: int, *, tasks: Sequence[str] = TASKS, seed
     return [train[i] for i in order[0]], [held_out[i] for i in order[1]]
 
 
-def task_tokenizer(extra: str = "") -> SpecialCharTokenizer:
+def task_tokenizer(extra: str = "") -> CharTokenizer:
     """A char tokenizer for every task in every format (templates, instructions, inputs, outputs)
     and the characters of ``extra``, plus PAD (id 0) and EOS (id 1)."""
     text = (extra + ALPACA_PROMPT + ALPACA_PROMPT_NO_INPUT + "<|system|><|user|><|assistant|>\n"

@@ -93,4 +93,5 @@ def evaluate_model(model, trainable, make_eval) -> dict:
     from jaxllm.training.step import TrainState, split_model
 
     graphdef, train_vars, frozen = split_model(model, trainable)
-    return make_eval(graphdef, None)(TrainState(None, train_vars, frozen, None))
+    metrics = make_eval(graphdef, None)(TrainState(None, train_vars, frozen, None))
+    return {k: float(v) for k, v in metrics.items()}
