@@ -66,6 +66,15 @@ def make_attention_mask(attention_mask: jax.Array | None, T: int) -> jax.Array:
     raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got shape {attention_mask.shape}")
 
 
+def default_positions(attention_mask: jax.Array | None, T: int) -> jax.Array:
+    """Positions when none are given: 0..T-1, except that with a (B, T) padding mask padding takes
+    no position, so a left-padded row's tokens get the positions they have alone (as in cached
+    generation; Hugging Face instead counts the padding unless position_ids are passed)."""
+    if attention_mask is None or jnp.ndim(attention_mask) != 2:
+        return jnp.arange(T)[None, :]
+    return jnp.maximum(jnp.cumsum(jnp.asarray(attention_mask).astype(jnp.int32), axis=1) - 1, 0)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -294,7 +303,7 @@ class GPT(nnx.Module):
                                              self.init_cache(B, T))
             return h_BTD
         if positions is None:
-            positions = jnp.arange(T)[None, :]
+            positions = default_positions(attention_mask, T)
         x_ND = self._embed(tokens_BT, positions, dropout_key)
         # None means plain causal: attention may then use a fused kernel that builds no mask
         mask_BTT = None if attention_mask is None else make_attention_mask(attention_mask, T)
@@ -318,7 +327,7 @@ class GPT(nnx.Module):
         B, T = tokens_BT.shape
         if cache.valid.shape[0] != B:
             raise ValueError(f"the cache holds {cache.valid.shape[0]} rows but tokens have {B}; "
-                             f"make the cache with KVCache.init(cfg, batch_size={B}, ...)")
+                             f"make the cache with model.init_cache(batch_size={B}, ...) (it also holds a prefix)")
         if T > cache.max_len:
             raise ValueError(f"{T} tokens do not fit a cache of max_len {cache.max_len}")
         pair_BTT = None  # an explicit (B, T, T) mask among this call's tokens (packed segments)

@@ -150,3 +150,31 @@ def test_lora_tunes_a_hugging_face_directory_with_its_own_tokenizer(base, tmp_pa
     assert meta["base"]["kind"] == "hf"
     x = np.arange(16, dtype=np.int32)[None] % 8
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.train.model(x)))
+
+
+def test_base_step_is_fixed_and_resume_refuses_changed_peft_settings(base, tuned, tmp_path):
+    root, result = tuned
+    ckpt = Checkpointer(base[0], create=False)
+    try:
+        base_step = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    _, _, _, meta = load_checkpoint(root / "run")
+    assert meta["base"]["step"] == base_step is not None
+    run, corpus = base
+    _tune(tmp_path, run, f"data.source={corpus}", "train.max_iters=2", "train.eval_interval=0")
+    with pytest.raises(ValueError, match="peft"):
+        _tune(tmp_path, run, f"data.source={corpus}", "train.max_iters=4", "train.resume=true",
+              "peft.lora.alpha=64", "train.eval_interval=0")
+
+
+def test_a_lora_run_can_be_the_base_of_another_run(tuned, tmp_path, corpus_file):
+    root, first = tuned
+    second = _tune(tmp_path, root / "run", f"data.source={corpus_file}", "peft.method=adapter",
+                   "peft.adapter.reduction_factor=4", "train.max_iters=2", "train.eval_interval=0")
+    adapters = _params(second.train.model, peft.AdapterParam)
+    assert second.report["trainable"] == sum(v.size for v in adapters.values()) > 0
+    assert not peft.lora_layers(second.train.model)            # the first run's LoRA is folded in
+    model, _, _, _ = load_checkpoint(tmp_path / "run")
+    x = np.arange(16, dtype=np.int32)[None] % 8
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(second.train.model(x)))

@@ -64,6 +64,8 @@ def test_left_padded_row_with_positions_from_zero_matches_unpadded_row(model):
     # Without the key mask the padding leaks into the real tokens: the check above is not vacuous.
     leaky = fwd(model, tokens, attention_mask=np.ones_like(mask), positions=positions)
     assert np.abs(leaky[0, pad:] - alone).max() > 1e-3
+    # Without explicit positions, a (B, T) mask gives padding no position: the same logits.
+    np.testing.assert_allclose(fwd(model, tokens, attention_mask=mask)[0, pad:], alone, rtol=0, atol=1e-5)
 
 
 def test_sequence_longer_than_block_size_is_rejected(model):

@@ -31,7 +31,7 @@ from jaxllm.model import GPT, count_params
 from jaxllm.peft import format_report, parameter_report
 from jaxllm.peft.files import describe_peft
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.training.finetune import PeftSection, apply_method, base_kind, evaluate_model, load_base
+from jaxllm.training.finetune import PeftSection, apply_method, base_meta, evaluate_model, load_base
 from jaxllm.training.lora import InitConfig
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
@@ -142,7 +142,7 @@ def _rows_batch_fn(rows: Rows, seed: int, batch_size: int, accum: int):
     return batch_fn
 
 
-def _evaluator(val_rows: Rows, held_records, tok, ds_ids, config: SFTConfig):
+def _evaluator(val_rows: Rows, held_records, tok, ds_ids, fmt: str, config: SFTConfig):
     batch = config.eval.batch_size
     n_val = val_rows.tokens.shape[0]
     scored = list(held_records[:config.eval.examples]) if config.eval.examples else []
@@ -163,7 +163,8 @@ def _evaluator(val_rows: Rows, held_records, tok, ds_ids, config: SFTConfig):
             if scored:
                 one = jax.local_devices()[0]  # generation on one device, whatever the training mesh
                 model = nnx.merge(graphdef, *jax.device_put((state.trainable, state.frozen), one))
-                report = exact_match(model, tok, scored, batch_size=batch, eos_id=ds_ids[0], pad_id=ds_ids[1])
+                report = exact_match(model, tok, scored, format=fmt, batch_size=batch, eos_id=ds_ids[0],
+                                     pad_id=ds_ids[1])
                 out["exact_match"] = report.accuracy
                 out.update({f"exact_match/{t}": a for t, a in report.per_task.items()})
             return out
@@ -181,7 +182,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
     if train_records is None:
         train_ds = load_instruct(d.train_file, tok, **common)
         val_ds = load_instruct(d.eval_file, tok, **common)
-        held_records = _scorable_records(d.eval_file, d.format)
+        held_records = _scorable_records(d.eval_file, val_ds.stats.format)
     else:
         train_ds = tokenize_records(train_records, tok, source="train split", **common)
         val_ds = tokenize_records(held_records, tok, source="held-out split", **common)
@@ -208,10 +209,10 @@ def run_sft(config: SFTConfig) -> SFTResult:
     meta = {"kind": "sft", "model": cfg.to_dict(), "config": to_dict(config),
             "data": {"source": source, "eos_id": train_ds.eos_id, "pad_id": train_ds.pad_id}}
     if peft_only:
-        meta["base"] = {"path": str(pathlib.Path(config.init.path).expanduser().absolute()),
-                        "step": config.init.step, "kind": base_kind(config.init.path)}
+        meta["base"] = base_meta(config.init.path, config.init.step)
         meta["peft"] = describe_peft(model)
-    make_eval = _evaluator(val_rows, held_records, tok, (train_ds.eos_id, train_ds.pad_id), config)
+    make_eval = _evaluator(val_rows, held_records, tok, (train_ds.eos_id, train_ds.pad_id),
+                           val_ds.stats.format or "auto", config)
     before = evaluate_model(model, trainable, make_eval)
     print("before: " + _describe(before))
     result = train_loop(model, sft_loss_fn, _rows_batch_fn(train_rows, loop.seed, loop.batch_size, loop.grad_accum),

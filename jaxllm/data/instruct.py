@@ -95,7 +95,7 @@ def resolve_special_ids(tokenizer: Tokenizer, eos_id: int | None = None,
     if eos is None:
         raise ValueError(
             f"{tokenizer!r} has no EOS token, and SFT appends EOS after every response so the model "
-            f"learns to stop: pass eos_id=, or build a char tokenizer with sft_char_tokenizer(text), "
+            f"learns to stop: pass eos_id= (data.eos_id=ID for jaxllm sft), or build a char tokenizer with sft_char_tokenizer(text), "
             f"which reserves {CHAR_EOS!r} as EOS and {CHAR_PAD!r} as PAD")
     if pad_id is None:
         pad = tokenizer.pad_id

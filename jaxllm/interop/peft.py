@@ -159,8 +159,10 @@ def load_peft(model: nnx.Module, path) -> nnx.Module:
         rslora = bool(config.get("use_rslora", False))
         scale = alpha / (math.sqrt(R) if rslora else R)
         split = meta.get(name)
-        if split is not None and _block_diagonal(A, B, model, split["parts"]):
-            saved = LoraConfig(**{**split["config"], "target": tuple(split["parts"])})
+        saved = split and LoraConfig(**{**split["config"], "target": tuple(split["parts"])})
+        # read back as jaxllm's parts only if PEFT would compute the same: same scale, B block-diagonal
+        if saved and math.isclose(saved.scale, scale, rel_tol=1e-6) and _block_diagonal(
+                A, B, model, split["parts"]):
             config_l, a, b = saved, *_split(A, B, model, split["parts"])
         else:  # one LoRA over the whole layer with PEFT's own rank and scale
             r_alpha = scale * (math.sqrt(R) if rslora else R)

@@ -30,18 +30,18 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"adapter.placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
+            raise ValueError(f"peft.adapter.placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"adapter.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(f"peft.adapter.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if self.reduction_factor <= 0:
-            raise ValueError(f"adapter.reduction_factor must be positive, got {self.reduction_factor}")
+            raise ValueError(f"peft.adapter.reduction_factor must be positive, got {self.reduction_factor}")
 
 
 class Adapter(PeftModule):
     def __init__(self, d: int, config: AdapterConfig, *, key: jax.Array, dtype, param_dtype):
         m = d // config.reduction_factor
         if m < 1:
-            raise ValueError(f"adapter.reduction_factor={config.reduction_factor} leaves no bottleneck "
+            raise ValueError(f"peft.adapter.reduction_factor={config.reduction_factor} leaves no bottleneck "
                              f"for width {d}; choose a factor <= {d}")
         self.down = AdapterParam(config.init_std * jax.random.normal(key, (d, m), param_dtype))
         self.down_bias = AdapterParam(jnp.zeros((m,), param_dtype))

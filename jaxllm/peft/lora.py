@@ -41,11 +41,11 @@ class LoraConfig:
         if isinstance(self.target, list):
             object.__setattr__(self, "target", tuple(self.target))
         if self.r <= 0:
-            raise ValueError(f"lora.r must be a positive rank, got {self.r}")
+            raise ValueError(f"peft.lora.r must be a positive rank, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"peft.lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target:
-            raise ValueError("lora.target is empty; name layers (e.g. ['q', 'v']) or use 'all-linear'")
+            raise ValueError("peft.lora.target is empty; name layers (e.g. ['q', 'v']) or use 'all-linear'")
 
     @property
     def scale(self) -> float:
@@ -143,12 +143,12 @@ def resolve_targets(model: nnx.Module, target) -> dict[str, tuple[Part, ...]]:
             try:
                 re.compile(target)
             except re.error as e:
-                raise ValueError(f"lora.target {target!r} is not a valid regular expression ({e})") from None
+                raise ValueError(f"peft.lora.target {target!r} is not a valid regular expression ({e})") from None
         elif not all(isinstance(t, str) for t in target):
-            raise ValueError(f"lora.target must be a regex string, 'all-linear' or a list of names, got {target!r}")
+            raise ValueError(f"peft.lora.target must be a regex string, 'all-linear' or a list of names, got {target!r}")
         chosen = {name for name in candidates if _matches(name, target)}
     if not chosen:
-        raise ValueError(f"lora.target {target!r} matches no linear layer. Available layers: "
+        raise ValueError(f"peft.lora.target {target!r} matches no linear layer. Available layers: "
                          f"{_summary(candidates)} (a list entry matches a name or its dotted suffix, "
                          f"e.g. ['q', 'v'] or ['c_attn']; a string is a regex on the whole name; "
                          f"or 'all-linear')")
@@ -158,7 +158,7 @@ def resolve_targets(model: nnx.Module, target) -> dict[str, tuple[Part, ...]]:
         per_layer.setdefault(layer, []).append(part)
     for layer, parts in per_layer.items():
         if len(parts) > 1 and any(p.name == layer for p in parts):
-            raise ValueError(f"lora.target {target!r} selects {layer} both whole and by its q/k/v "
+            raise ValueError(f"peft.lora.target {target!r} selects {layer} both whole and by its q/k/v "
                              f"thirds ({', '.join(p.name for p in parts)}); choose one")
     return {layer: tuple(parts) for layer, parts in per_layer.items()}
 
@@ -178,7 +178,7 @@ def add_lora(model: nnx.Module, config: LoraConfig = LoraConfig(), *, rngs: nnx.
         d_in = lin.kernel.shape[0]
         smallest = min(d_in, parts[0].size)
         if config.r > smallest:
-            raise ValueError(f"lora.r={config.r} is larger than layer {layer} allows "
+            raise ValueError(f"peft.lora.r={config.r} is larger than layer {layer} allows "
                              f"({d_in} in, {parts[0].size} out): choose r <= {smallest}")
         lin.lora = LoRA(d_in, parts, config, key=rngs.params(), dtype=lin.dtype,
                         param_dtype=lin.param_dtype)
@@ -201,9 +201,10 @@ def merge(model: nnx.Module, unload: bool = False):
 
     With `unload`, the LoRA modules are removed afterwards (PEFT's merge_and_unload), leaving a
     plain GPT that `jaxllm.to_hf` can export."""
-    for lin in lora_layers(model).values():
-        if not lin.lora.enabled:
-            raise ValueError("cannot merge a disabled LoRA; merge outside jaxllm.peft.disabled(...)")
+    layers = lora_layers(model).values()
+    if not all(lin.lora.enabled for lin in layers):  # checked first: a refused merge changes nothing
+        raise ValueError("cannot merge a disabled LoRA; merge outside jaxllm.peft.disabled(...)")
+    for lin in layers:
         if not lin.lora.merged:
             _fold_delta(lin, +1.0)
             lin.lora.merged = True

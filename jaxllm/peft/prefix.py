@@ -34,9 +34,9 @@ class PrefixConfig:
 
     def __post_init__(self):
         if self.num_virtual_tokens <= 0:
-            raise ValueError(f"prefix.num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+            raise ValueError(f"peft.prefix.num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
         if self.projection and self.projection_hidden <= 0:
-            raise ValueError(f"prefix.projection_hidden must be positive, got {self.projection_hidden}")
+            raise ValueError(f"peft.prefix.projection_hidden must be positive, got {self.projection_hidden}")
 
 
 def _torch_linear_init(key, n_in, n_out, dtype):

@@ -55,7 +55,7 @@ def base_kind(path) -> str:
     if (p / "config.json").is_file():
         return "hf"
     raise FileNotFoundError(
-        f"init={str(path)!r} is neither a jaxllm run directory (with checkpoints/) nor a Hugging Face "
+        f"init.path={str(path)!r} is neither a jaxllm run directory (with checkpoints/) nor a Hugging Face "
         f"GPT-2 directory (with config.json); train one with `jaxllm pretrain` or export one with "
         f"`jaxllm export-hf` / save_pretrained")
 
@@ -68,12 +68,40 @@ def load_base(path, step: int | None = None):
 
     if base_kind(path) == "run":
         model, cfg, tok, _ = load_checkpoint(path, step)
+        _flatten_peft(model, path)
         return model, cfg, tok
     model, cfg = from_hf(path)
     p = pathlib.Path(path).expanduser()
     has_tokenizer = (p / CONFIG_NAME).is_file() or (p / HF_FILE_NAME).is_file()
     tok = load_tokenizer(p) if has_tokenizer else None
     return model, cfg, tok
+
+
+def _flatten_peft(model, path) -> None:
+    """A tuned run used as a base: its LoRA is folded into the weights (the new run's base is then a
+    plain GPT); adapters and prefixes cannot be folded, so such a run is refused as a base."""
+    from jaxllm.peft import merge, peft_modules
+
+    kinds = {type(m).__name__ for _, m in peft_modules(model)}
+    if kinds - {"LoRA"}:
+        raise ValueError(f"init.path={path} carries {', '.join(sorted(kinds - {'LoRA'}))} modules, which cannot "
+                         f"be folded into a plain base; tune from that run's own base instead")
+    merge(model, unload=True)
+
+
+def base_meta(path, step: int | None) -> dict:
+    """Where a PEFT run's frozen base comes from, with a jaxllm run's step fixed now: a base run that
+    trains on later must not move an adapter onto other weights."""
+    from jaxllm.training.checkpoint import Checkpointer
+
+    kind = base_kind(path)
+    if kind == "run" and step is None:
+        ckpt = Checkpointer(path, create=False)
+        try:
+            step = ckpt.latest_step()
+        finally:
+            ckpt.close()
+    return {"path": str(pathlib.Path(path).expanduser().absolute()), "step": step, "kind": kind}
 
 
 def tokenizer_spec(data_tokenizer: typing.Optional[str], base_path, base_tok) -> str:

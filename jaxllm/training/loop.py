@@ -9,6 +9,7 @@ steps an uninterrupted run would have taken.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from typing import Any, Callable
@@ -208,4 +209,9 @@ def _check_resume_compatible(saved: dict, current: dict, where) -> None:
         raise ValueError(
             f"cannot resume from {where}: its model config {saved.get('model')} differs from the "
             f"requested {current.get('model')}; use the same model settings or another out_dir")
+    for key, what in (("peft", "peft.* settings"), ("base", "base model (init.path / init.step)")):
+        if saved.get(key) != json.loads(json.dumps(current.get(key))):  # as the JSON meta holds it
+            raise ValueError(
+                f"cannot resume from {where}: its {what} {saved.get(key)} differ from the requested "
+                f"{current.get(key)}; resume with the same settings or choose another train.out_dir")
 

@@ -18,7 +18,7 @@ import typing
 from jaxllm.configfile import to_dict
 from jaxllm.peft import format_report, parameter_report, save_adapter
 from jaxllm.peft.files import describe_peft
-from jaxllm.training.finetune import (PeftSection, apply_method, base_kind, evaluate_model, load_base,
+from jaxllm.training.finetune import (PeftSection, apply_method, base_meta, evaluate_model, load_base,
                                       tokenizer_spec)
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
@@ -100,8 +100,7 @@ def run_lora(config: LoraRunConfig) -> LoraRunResult:
     peft_only = config.peft.method != "full"
     meta = {"kind": "lora", "model": cfg.to_dict(), "config": to_dict(config), "data": ds.meta}
     if peft_only:
-        meta["base"] = {"path": str(pathlib.Path(config.init.path).expanduser().absolute()),
-                        "step": config.init.step, "kind": base_kind(config.init.path)}
+        meta["base"] = base_meta(config.init.path, config.init.step)
         meta["peft"] = describe_peft(model)
     before = evaluate_model(model, trainable, make_eval)["val_loss"]
     result = train_loop(model, lm_loss_fn, batch_fn, optim=config.optim, loop=loop, meta=meta,
