@@ -335,6 +335,8 @@ class GPT(nnx.Module):
             real_BT = jnp.ones((B, T), bool)
         else:
             real_BT = jnp.asarray(attention_mask).astype(bool)
+            if real_BT.ndim == 3 and real_BT.shape[0] == 1:  # one (T, T) mask for every row
+                real_BT = jnp.broadcast_to(real_BT, (B, T, T))
             if real_BT.shape == (B, T, T):
                 pair_BTT = real_BT
                 real_BT = jnp.diagonal(pair_BTT, axis1=1, axis2=2)  # a real token sees itself

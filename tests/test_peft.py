@@ -237,6 +237,13 @@ def test_prefix_with_left_padding_gives_each_row_its_unpadded_logits():
     np.testing.assert_allclose(got[:, 3:], _reference_logits(model, X[:, :5]), **REF)
 
 
+def test_prefix_model_takes_one_shared_pair_mask_like_the_plain_model():
+    model = randomize(with_method("prefix"), 2, std=0.5)
+    causal = np.tril(np.ones((8, 8), bool))[None]
+    got = np.asarray(nnx.jit(lambda m, t, a: m(t, attention_mask=a))(model, X, causal))
+    np.testing.assert_allclose(got, logits(model, X), **EXACT)
+
+
 def test_generate_with_prefix_continues_with_the_full_forwards_greedy_tokens():
     model = randomize(with_method("prefix"), 2, std=0.5)
     ids = np.asarray(jaxllm.generate(model, X[:, :4], 4, temperature=0.0))
