@@ -29,9 +29,8 @@ from jaxllm.data.synthetic import TASKS, TaskSettings, exact_match, make_splits,
 from jaxllm.losses import cross_entropy_sum
 from jaxllm.model import GPT, count_params
 from jaxllm.peft import format_report, parameter_report
-from jaxllm.peft.files import describe_peft
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.training.finetune import PeftSection, apply_method, base_meta, evaluate_model, load_base
+from jaxllm.training.finetune import PeftSection, apply_method, evaluate_model, load_base, peft_run_meta
 from jaxllm.training.lora import InitConfig
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
@@ -158,8 +157,8 @@ def _evaluator(val_rows: Rows, held_records, tok, ds_ids, fmt: str, config: SFTC
                 keep = np.arange(s, s + batch) < n_val   # ... and its repeats are not counted
                 rows = rows._replace(labels=np.where(keep[:, None], rows.labels, -100))
                 t, c = eval_step(state, rows)
-                total, count = total + float(t), count + float(c)
-            out = {"val_loss": total / max(count, 1.0)}
+                total, count = total + t, count + c   # summed on device: no host sync per batch
+            out = {"val_loss": float(total) / max(float(count), 1.0)}
             if scored:
                 one = jax.local_devices()[0]  # generation on one device, whatever the training mesh
                 model = nnx.merge(graphdef, *jax.device_put((state.trainable, state.frozen), one))
@@ -205,12 +204,9 @@ def run_sft(config: SFTConfig) -> SFTResult:
         if not dst.exists():
             tok.save(dst)
 
-    peft_only = config.peft.method != "full"
+    peft_meta = peft_run_meta(model, trainable, config.init)
     meta = {"kind": "sft", "model": cfg.to_dict(), "config": to_dict(config),
-            "data": {"source": source, "eos_id": train_ds.eos_id, "pad_id": train_ds.pad_id}}
-    if peft_only:
-        meta["base"] = base_meta(config.init.path, config.init.step)
-        meta["peft"] = describe_peft(model)
+            "data": {"source": source, "eos_id": train_ds.eos_id, "pad_id": train_ds.pad_id}, **peft_meta}
     make_eval = _evaluator(val_rows, held_records, tok, (train_ds.eos_id, train_ds.pad_id),
                            val_ds.stats.format or "auto", config)
     before = evaluate_model(model, trainable, make_eval)
@@ -219,7 +215,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
                         optim=config.optim, loop=loop, meta=meta, make_eval=make_eval, trainable=trainable,
                         tokens_per_step=loop.batch_size * loop.grad_accum * T,
                         flops_per_token=cfg.flops_per_token(T), on_start=save_tokenizer,
-                        checkpoint_frozen=not peft_only)
+                        checkpoint_frozen=not peft_meta)
     after = result.evals[max(result.evals)] if result.evals else {}
     print("after:  " + _describe(after))
     return SFTResult(result, before, after, fill, cfg)

@@ -80,12 +80,12 @@ def load_base(path, step: int | None = None):
 def _flatten_peft(model, path) -> None:
     """A tuned run used as a base: its LoRA is folded into the weights (the new run's base is then a
     plain GPT); adapters and prefixes cannot be folded, so such a run is refused as a base."""
-    from jaxllm.peft import merge, peft_modules
+    from jaxllm.peft import LoRA, merge, peft_modules
 
-    kinds = {type(m).__name__ for _, m in peft_modules(model)}
-    if kinds - {"LoRA"}:
-        raise ValueError(f"init.path={path} carries {', '.join(sorted(kinds - {'LoRA'}))} modules, which cannot "
-                         f"be folded into a plain base; tune from that run's own base instead")
+    other = sorted({type(m).__name__ for _, m in peft_modules(model) if not isinstance(m, LoRA)})
+    if other:
+        raise ValueError(f"init.path={path} carries {', '.join(other)} modules, which cannot be folded "
+                         f"into a plain base; tune from that run's own base instead")
     merge(model, unload=True)
 
 
@@ -102,6 +102,16 @@ def base_meta(path, step: int | None) -> dict:
         finally:
             ckpt.close()
     return {"path": str(pathlib.Path(path).expanduser().absolute()), "step": step, "kind": kind}
+
+
+def peft_run_meta(model, trainable, init) -> dict:
+    """The metadata a run that trains only PEFT weights adds (its base and its PEFT modules), so its
+    checkpoints can hold those weights alone; {} for full fine-tuning."""
+    from jaxllm.peft.files import describe_peft
+
+    if trainable is nnx.Param:
+        return {}
+    return {"base": base_meta(init.path, init.step), "peft": describe_peft(model)}
 
 
 def tokenizer_spec(data_tokenizer: typing.Optional[str], base_path, base_tok) -> str:

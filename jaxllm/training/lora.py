@@ -17,8 +17,7 @@ import typing
 
 from jaxllm.configfile import to_dict
 from jaxllm.peft import format_report, parameter_report, save_adapter
-from jaxllm.peft.files import describe_peft
-from jaxllm.training.finetune import (PeftSection, apply_method, base_meta, evaluate_model, load_base,
+from jaxllm.training.finetune import (PeftSection, apply_method, evaluate_model, load_base, peft_run_meta,
                                       tokenizer_spec)
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
@@ -97,19 +96,16 @@ def run_lora(config: LoraRunConfig) -> LoraRunResult:
     make_eval = make_val_evaluator(ds, T, d.eval_batch_size, d.eval_batches)
     batch_fn, save_tokenizer = corpus_batches(ds, loop, T)
 
-    peft_only = config.peft.method != "full"
-    meta = {"kind": "lora", "model": cfg.to_dict(), "config": to_dict(config), "data": ds.meta}
-    if peft_only:
-        meta["base"] = base_meta(config.init.path, config.init.step)
-        meta["peft"] = describe_peft(model)
+    peft_meta = peft_run_meta(model, trainable, config.init)
+    meta = {"kind": "lora", "model": cfg.to_dict(), "config": to_dict(config), "data": ds.meta, **peft_meta}
     before = evaluate_model(model, trainable, make_eval)["val_loss"]
     result = train_loop(model, lm_loss_fn, batch_fn, optim=config.optim, loop=loop, meta=meta,
                         make_eval=make_eval, trainable=trainable, tokens_per_step=B * A * T,
                         flops_per_token=cfg.flops_per_token(T), on_start=save_tokenizer,
-                        checkpoint_frozen=not peft_only)
+                        checkpoint_frozen=not peft_meta)
     val = result.evals[max(result.evals)]["val_loss"] if result.evals else None
     adapter_dir = pathlib.Path(loop.out_dir) / ADAPTER_SUBDIR
-    if peft_only:
+    if peft_meta:
         save_adapter(result.model, adapter_dir, overwrite=True, base=meta["base"]["path"])
 
     return LoraRunResult(result, before, val, report, adapter_dir, sample_text(result.model, ds.tokenizer, config.sample))
