@@ -11,7 +11,7 @@ Each case: a 32-token prompt, 128 new tokens, greedy, batch 1 and 8, no EOS stop
   - end-to-end tokens/s: B * 128 / time of the whole call (prefill included);
   - the weight-read floor: bytes of weights read per step (everything but the position table,
     of which one row is read) / the best memory read bandwidth measured in this run (numpy sum
-    of 1 GiB on one thread and split over two threads).
+    of 1 GiB on one thread and split over two threads, and a BLAS matrix-vector product over it).
 Prints JSON and writes benchmarks/results/decode.json.
 
     python benchmarks/decode.py                 # jaxllm fp32 and bf16 weights, HF fp32
@@ -57,15 +57,19 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def read_bandwidth() -> dict:
-    """GB/s of reading a 1 GiB float32 array with numpy: on one thread, and in two halves on two
-    threads (numpy releases the GIL while it sums)."""
+    """GB/s of reading a 1 GiB float32 array: numpy sum on one thread and in two halves on two
+    threads (numpy releases the GIL while it sums), and a BLAS matrix-vector product over it as a
+    (262144, 1024) matrix (numpy's OpenBLAS, multithreaded), which reads it once and is the
+    fastest reader we found here."""
     x = np.ones(1 << 28, np.float32)
     halves = np.split(x, 2)
     x.sum()
     one = x.nbytes / _best_of(x.sum, 5) / 1e9
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         two = x.nbytes / _best_of(lambda: list(pool.map(np.sum, halves)), 5) / 1e9
-    return {"numpy_1_thread": one, "numpy_2_threads": two, "best": max(one, two)}
+    matrix, vec = x.reshape(-1, 1024), np.ones(1024, np.float32)
+    gemv = x.nbytes / _best_of(lambda: matrix @ vec, 5) / 1e9
+    return {"numpy_1_thread": one, "numpy_2_threads": two, "blas_gemv": gemv, "best": max(one, two, gemv)}
 
 
 def weight_bytes(model) -> int:

@@ -1,5 +1,9 @@
 """jaxllm: GPT-style language models in JAX/Flax NNX, from tokenization to alignment."""
 
+from jaxllm import parallel as _parallel
+
+_parallel.set_speed_flags()  # XLA:CPU flags measured faster here; XLA_FLAGS set by the user win
+
 from jaxllm.config import PRESETS, GPTConfig
 from jaxllm.data import TokenDataset, load_text, prepare
 from jaxllm.interop import checkpoint_to_hf, from_hf, to_hf

@@ -95,6 +95,18 @@ def test_bf16_compute_keeps_float32_params_and_logits_close_to_fp32(model):
     assert 0 < err < 0.05 * np.abs(hi).max(), err
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_lm_head_with_few_rows_by_vocabulary_chunks_equals_the_plain_product(rows):
+    # a vocabulary of 2 full 1024-row chunks plus a remainder: every branch of the chunked head
+    cfg = TINY.replace(vocab_size=2 * 1024 + 77)
+    m = GPT(cfg, rngs=nnx.Rngs(3))
+    h = jax.random.normal(jax.random.key(1), (1, rows, cfg.n_embd))
+    wte = np.asarray(m.wte.embedding[...], np.float64)
+    expect = np.asarray(h, np.float64)[0] @ wte.T
+    got = np.asarray(jax.jit(lambda g, s, h: nnx.merge(g, s).logits(h))(*nnx.split(m), h))[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _loss_and_grads(graphdef, params, x):
     return jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p)(x), x))(params)

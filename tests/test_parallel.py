@@ -1,5 +1,6 @@
 """Data parallelism: a step on a device mesh computes what the same step computes on one device."""
 
+import os
 import subprocess
 import sys
 
@@ -88,7 +89,7 @@ def test_setup_cpu_exposes_one_device_per_core_in_a_fresh_process():
             "assert parallel.setup_cpu(); import jax; "
             "assert len(jax.devices('cpu')) == parallel.cpu_core_count(), jax.devices(); "
             "assert not parallel.setup_cpu()  # too late once JAX has started")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -108,3 +109,23 @@ def test_checkpoint_saved_from_a_mesh_loads_onto_one_device(tmp_path):
     assert all(len(a.sharding.device_set) == 1 for a in leaves)  # one device, not the saving mesh
     for a, b in zip(leaves, jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_import_sets_the_measured_cpu_flags_and_flags_set_by_the_user_win():
+    import jaxlib
+    code = "import os, jaxllm; print(os.environ.get('XLA_FLAGS', ''))"
+
+    def flags_after_import(user_flags):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        if user_flags is not None:
+            env["XLA_FLAGS"] = user_flags
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    expected = list(parallel._CPU_SPEED_FLAGS.get(jaxlib.__version__, ()))
+    assert flags_after_import(None) == expected
+    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_cpu_enable_fast_math=false"
+    got = flags_after_import(mine)
+    assert got[:2] == mine.split()  # the user's value of the same flag is kept, not overridden
+    assert [f for f in got if f.startswith("--xla_cpu_experimental_ynn_fusion_type")] == mine.split()[:1]
