@@ -27,7 +27,7 @@ def _sft(tmp_path, *extra):
 def reversal(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     return root, _sft(root, "data.tasks=reverse", "data.n_train=2000", "data.n_eval=50",
-                      "train.max_iters=300", "optim.lr_decay_iters=300")
+                      "train.max_iters=500", "optim.lr_decay_iters=500")
 
 
 def test_sft_on_word_reversal_beats_the_untrained_model_by_a_wide_margin(reversal):

@@ -62,7 +62,7 @@ def add_adapters(model: nnx.Module, config: AdapterConfig = AdapterConfig(), *,
     """Insert bottleneck adapters into every block of `model` (in place); returns the model."""
     rngs = rngs or nnx.Rngs(0)
     cfg = model.config
-    blocks = [m for _, m in model.iter_modules() if isinstance(m, Block)]
+    blocks = [m for _, m in nnx.iter_modules(model) if isinstance(m, Block)]
     if any(b.attn_adapter is not None or b.mlp_adapter is not None for b in blocks):
         raise ValueError("the model already has adapters; add them once")
     for block in blocks:

@@ -41,7 +41,7 @@ class PeftModule(nnx.Module):
 
 
 def peft_modules(model: nnx.Module) -> list[tuple[tuple, PeftModule]]:
-    return [(path, m) for path, m in model.iter_modules() if isinstance(m, PeftModule)]
+    return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, PeftModule)]
 
 
 def remove_peft(model: nnx.Module) -> nnx.Module:

@@ -101,7 +101,7 @@ class LoRA(PeftModule):
 
 def linear_layers(model: nnx.Module) -> dict[str, Linear]:
     """Every linear layer of the model by dotted name (the LM head is tied to wte: not a Linear)."""
-    return {".".join(map(str, path)): m for path, m in model.iter_modules() if isinstance(m, Linear)}
+    return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
 def target_parts(model) -> dict[str, tuple[str, Part]]:
