@@ -105,7 +105,7 @@ def measure(spec: dict, variant: str, devices: int, warmup: int, steps: int) -> 
     sizes = {"opt_state_bytes": _nbytes(state.opt_state), "trainable_bytes": _nbytes(state.trainable),
              "frozen_bytes": _nbytes(state.frozen)}
 
-    mesh = parallel.data_mesh(spec["batch"], devices)
+    mesh = parallel.data_mesh(spec["batch"], devices, trainable_params=report["trainable"])
     if mesh is None:
         step, place = make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim)), jax.device_put
     else:

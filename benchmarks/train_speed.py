@@ -68,19 +68,20 @@ def gpt_config(spec: dict):
 
 def jaxllm_step(cfg, optim, batch_size: int, seed: int = 0):
     """(step, state, place): the train step jaxllm's loop runs (AdamW, clipping, schedule, NaN
-    guard), data-parallel over the devices that split the batch as in the loop, and the function
+    guard), data-parallel over the devices that split the batch as the loop chooses, and the function
     that places a batch for it."""
     import jax
     from flax import nnx
 
     from jaxllm import parallel
-    from jaxllm.model import GPT
+    from jaxllm.model import GPT, count_params
     from jaxllm.training.optim import lr_schedule, make_optimizer
     from jaxllm.training.step import init_train_state, lm_loss_fn, make_train_step
 
     optimizer = make_optimizer(optim)
-    graphdef, state = init_train_state(GPT(cfg, rngs=nnx.Rngs(seed)), optimizer)
-    mesh = parallel.data_mesh(batch_size)
+    model = GPT(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = init_train_state(model, optimizer)
+    mesh = parallel.data_mesh(batch_size, trainable_params=count_params(model))
     if mesh is None:
         return make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim)), state, jax.device_put
     state = jax.device_put(state, parallel.replicated(mesh))

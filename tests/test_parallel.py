@@ -45,6 +45,14 @@ def test_mesh_uses_the_devices_that_split_the_batch_evenly(batch, devices, expec
     assert (1 if mesh is None else mesh.size) == expected
 
 
+def test_automatic_mesh_on_cpu_keeps_one_device_for_many_trained_parameters_unless_asked():
+    big = parallel.CPU_DATA_PARALLEL_MAX_PARAMS + 1
+    on_cpu = jax.local_devices()[0].platform == "cpu"
+    assert (parallel.data_mesh(8, 0, trainable_params=big) is None) == on_cpu
+    assert parallel.data_mesh(8, 0, trainable_params=parallel.CPU_DATA_PARALLEL_MAX_PARAMS).size == 8
+    assert parallel.data_mesh(8, 4, trainable_params=big).size == 4  # an explicit count is kept
+
+
 def test_bad_device_counts_are_refused_naming_the_setting():
     with pytest.raises(ValueError, match="train.batch_size=6 does not split evenly over train.devices=4"):
         parallel.data_mesh(6, 4)

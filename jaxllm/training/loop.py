@@ -32,6 +32,7 @@ class LoopConfig:
     batch_size: int = 12            # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
     devices: int = 0                # data-parallel devices; 0: as many as split batch_size evenly
+                                    # (on CPU one above parallel.CPU_DATA_PARALLEL_MAX_PARAMS trained)
     max_iters: int = 2000
     eval_interval: int = 250        # 0: evaluate only at the end
     log_interval: int = 10
@@ -81,7 +82,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     the frozen base is rebuilt from where `meta["base"]` says it came from.
     """
     optimizer = make_optimizer(optim)
-    mesh = parallel.data_mesh(loop.batch_size, loop.devices)
+    mesh = parallel.data_mesh(loop.batch_size, loop.devices,
+                              trainable_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable))))
     ckpt = _prepare_run_dir(loop)
     start = 0
     if loop.resume and ckpt.latest_step() is not None:
