@@ -30,14 +30,13 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.train_speed import (OPTIM, _batches, _rss_mb, _time_steps, add_run_args, gpt_config,  # noqa: E402
-                                    wait_for_quiet)
+from benchmarks.train_speed import (OPTIM, _batches, _rss_mb, add_run_args, compile_and_time,  # noqa: E402
+                                    gpt_config, placed_step, wait_for_quiet)
 
 MODELS = {
     "gpt2": dict(model=dict(preset="gpt2", block_size=128), batch=4),
@@ -83,11 +82,10 @@ def measure(spec: dict, variant: str, devices: int, warmup: int, steps: int) -> 
     import numpy as np
     from flax import nnx
 
-    from jaxllm import parallel
     from jaxllm.model import GPT
     from jaxllm.peft import LoraConfig, PeftParam, add_lora, parameter_report
-    from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
-    from jaxllm.training.step import init_train_state, lm_loss_fn, make_train_step
+    from jaxllm.training.optim import OptimConfig, make_optimizer
+    from jaxllm.training.step import init_train_state
 
     cfg = gpt_config(spec)
     rss0 = _rss_mb("VmRSS")
@@ -105,32 +103,15 @@ def measure(spec: dict, variant: str, devices: int, warmup: int, steps: int) -> 
     sizes = {"opt_state_bytes": _nbytes(state.opt_state), "trainable_bytes": _nbytes(state.trainable),
              "frozen_bytes": _nbytes(state.frozen)}
 
-    mesh = parallel.data_mesh(spec["batch"], devices, trainable_params=report["trainable"])
-    if mesh is None:
-        step, place = make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim)), jax.device_put
-    else:
-        state = jax.device_put(state, parallel.replicated(mesh))
-        step = make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim), mesh)
-        place = lambda batch: parallel.shard_batch(batch, mesh, 1)  # noqa: E731
+    step, state, place = placed_step(graphdef, state, optimizer, optim, spec["batch"], devices,
+                                     trainable_params=report["trainable"])
     batches = [place(tuple(np.asarray(a[None], np.int32) for a in b)) for b in _batches(cfg, spec["batch"], 4)]
-    key = jax.random.key(0)
-
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batches[0], key).compile()  # ahead of time, so compile is timed alone
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state}
-    del state
-
-    def run(batch):
-        holder["state"], metrics = compiled(holder["state"], batch, key)
-        jax.block_until_ready(metrics["loss"])
-
-    timing = _time_steps(run, batches, warmup, steps, rss0)
-    timing["compile_s"] = compile_s
+    n_devices = len(jax.tree.leaves(state)[0].sharding.device_set)
+    timing, compiled = compile_and_time(step, state, batches, warmup, steps, rss0)
     return {"variant": variant, "params_total": report["total"], "params_trainable": report["trainable"],
             "trainable_percent": report["trainable_percent"], **sizes, **timing, **_xla_costs(compiled),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "devices": 1 if mesh is None else mesh.size, "backend": jax.default_backend(),
+            "devices": n_devices, "backend": jax.default_backend(),
             "jax": jax.__version__}
 
 

@@ -70,23 +70,54 @@ def jaxllm_step(cfg, optim, batch_size: int, seed: int = 0):
     """(step, state, place): the train step jaxllm's loop runs (AdamW, clipping, schedule, NaN
     guard), data-parallel over the devices that split the batch as the loop chooses, and the function
     that places a batch for it."""
-    import jax
     from flax import nnx
 
-    from jaxllm import parallel
     from jaxllm.model import GPT, count_params
-    from jaxllm.training.optim import lr_schedule, make_optimizer
-    from jaxllm.training.step import init_train_state, lm_loss_fn, make_train_step
+    from jaxllm.training.optim import make_optimizer
+    from jaxllm.training.step import init_train_state
 
     optimizer = make_optimizer(optim)
     model = GPT(cfg, rngs=nnx.Rngs(seed))
     graphdef, state = init_train_state(model, optimizer)
-    mesh = parallel.data_mesh(batch_size, trainable_params=count_params(model))
+    return placed_step(graphdef, state, optimizer, optim, batch_size, trainable_params=count_params(model))
+
+
+def placed_step(graphdef, state, optimizer, optim, batch_size: int, devices: int = 0, trainable_params=None):
+    """(step, state, place) for a train state: on the mesh `parallel.data_mesh` picks (state
+    replicated, batch rows split) or on one device."""
+    import jax
+
+    from jaxllm import parallel
+    from jaxllm.training.optim import lr_schedule
+    from jaxllm.training.step import lm_loss_fn, make_train_step
+
+    mesh = parallel.data_mesh(batch_size, devices, trainable_params=trainable_params)
     if mesh is None:
         return make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim)), state, jax.device_put
     state = jax.device_put(state, parallel.replicated(mesh))
     step = make_train_step(graphdef, lm_loss_fn, optimizer, lr_schedule(optim), mesh)
     return step, state, lambda batch: parallel.shard_batch(batch, mesh, 1)
+
+
+def compile_and_time(step, state, batches, warmup: int, steps: int, rss0: float):
+    """(timing, compiled): the step compiled ahead of time (so compile is timed alone), then
+    timed over `batches` as `_time_steps` does, the state threaded through (donated)."""
+    import jax
+
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0], key).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+    del state
+
+    def run(batch):
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        jax.block_until_ready(metrics["loss"])
+
+    timing = _time_steps(run, batches, warmup, steps, rss0)
+    timing["compile_s"] = compile_s
+    return timing, compiled
 
 
 def _batches(cfg, batch: int, n: int):
@@ -140,18 +171,7 @@ def measure_jaxllm(spec: dict, warmup: int, steps: int) -> dict:
     rss0 = _rss_mb("VmRSS")
     step, state, place = jaxllm_step(cfg, OptimConfig(**OPTIM), spec["batch"])
     batches = [place(tuple(np.asarray(a[None], np.int32) for a in b)) for b in _batches(cfg, spec["batch"], 4)]
-    key = jax.random.key(0)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batches[0], key).compile()  # ahead of time, so compile is timed alone
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def run(batch):
-        holder["state"], metrics = compiled(holder["state"], batch, key)
-        jax.block_until_ready(metrics["loss"])
-
-    result = _time_steps(run, batches, warmup, steps, rss0)
-    result["compile_s"] = compile_s
+    result, compiled = compile_and_time(step, state, batches, warmup, steps, rss0)
     mem = compiled.memory_analysis()
     if mem is not None:
         result["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20

@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxllm import parallel
+from jaxllm.model import count_params
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter
 from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
@@ -82,8 +83,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     the frozen base is rebuilt from where `meta["base"]` says it came from.
     """
     optimizer = make_optimizer(optim)
-    mesh = parallel.data_mesh(loop.batch_size, loop.devices,
-                              trainable_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable))))
+    mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable))
     ckpt = _prepare_run_dir(loop)
     start = 0
     if loop.resume and ckpt.latest_step() is not None:
