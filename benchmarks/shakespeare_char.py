@@ -38,7 +38,7 @@ def run_jaxllm(dataset_dir: str, recipe: dict, seed: int, progress: bool) -> dic
         config = load_config(PretrainConfig, None, [
             "model.preset=cpu-small", f"model.n_layer={r['n_layer']}", f"model.n_head={r['n_head']}",
             f"model.n_embd={r['n_embd']}", f"model.block_size={r['block_size']}",
-            f"model.bias={r['bias']}", f"model.dropout={r['dropout']}",
+            f"model.bias={r['bias']}", f"model.dropout={r['dropout']}", f"model.activation={r['activation']}",
             f"data.dataset_dir={dataset_dir}", "data.eval_batch_size=256",
             f"optim.learning_rate={r['learning_rate']}", f"optim.min_lr={r['min_lr']}",
             f"optim.warmup_iters={r['warmup_iters']}", f"optim.lr_decay_iters={r['lr_decay_iters']}",
@@ -68,6 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=NANOGPT_CPU_RECIPE["max_iters"])
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--activation", default=NANOGPT_CPU_RECIPE["activation"], choices=("gelu", "gelu_tanh"),
+                    help="MLP GELU of both runs: nanoGPT's exact erf form (default) or GPT-2's tanh form")
     ap.add_argument("--skip-torch", action="store_true", help="only run jaxllm")
     ap.add_argument("--dataset-dir", default="data_cache/shakespeare-char")
     ap.add_argument("--out", default=str(HERE / "results" / "shakespeare_char.json"))
@@ -75,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_cpu()  # one JAX device per core, as `jaxllm pretrain` does
 
-    recipe = dict(NANOGPT_CPU_RECIPE, max_iters=args.iters, lr_decay_iters=args.iters,
+    recipe = dict(NANOGPT_CPU_RECIPE, activation=args.activation, max_iters=args.iters, lr_decay_iters=args.iters,
                   warmup_iters=min(NANOGPT_CPU_RECIPE["warmup_iters"], args.iters // 2))
     if not (pathlib.Path(args.dataset_dir) / "meta.json").is_file():
         prepare("shakespeare", args.dataset_dir, tokenizer="char")

@@ -27,6 +27,7 @@ class TorchGPTConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"   # or "gelu" (exact erf), as jaxllm's GPTConfig.activation
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,9 +57,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = {"gelu_tanh": "tanh", "gelu": "none"}[cfg.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -131,7 +133,7 @@ class TorchGPT(nn.Module):
         c = self.config
         return GPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer,
                          n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
-                         layer_norm_eps=c.layer_norm_eps)
+                         layer_norm_eps=c.layer_norm_eps, activation=c.activation)
 
     def _hf_named_tensors(self):
         """(hf_name, tensor, is_conv1d) for every stored tensor; the tied lm_head is omitted.
@@ -181,7 +183,7 @@ class TorchGPT(nn.Module):
         c = model.config
         torch_model = cls(TorchGPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer,
                                          n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
-                                         layer_norm_eps=c.layer_norm_eps))
+                                         layer_norm_eps=c.layer_norm_eps, activation=c.activation))
         torch_model.load_state_from_numpy(hf.model_to_hf_state(model))
         return torch_model
 

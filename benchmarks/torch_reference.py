@@ -23,6 +23,7 @@ from benchmarks.torch_gpt import TorchGPT, TorchGPTConfig
 
 NANOGPT_CPU_RECIPE = dict(
     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, bias=False, dropout=0.0,
+    activation="gelu",  # nanoGPT's MLP uses nn.GELU(), the exact erf form (GPT-2's is "gelu_tanh")
     max_iters=2000, learning_rate=1e-3, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
     beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
 )
@@ -62,7 +63,8 @@ def run_torch_reference(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: 
     gen = torch.Generator().manual_seed(seed)
 
     cfg = TorchGPTConfig(vocab_size=vocab_size, block_size=r["block_size"], n_layer=r["n_layer"],
-                         n_head=r["n_head"], n_embd=r["n_embd"], dropout=r["dropout"], bias=r["bias"])
+                         n_head=r["n_head"], n_embd=r["n_embd"], dropout=r["dropout"], bias=r["bias"],
+                         activation=r["activation"])
     model = TorchGPT(cfg)
     model.train()
     opt = model.configure_optimizer(r["weight_decay"], r["learning_rate"], (r["beta1"], r["beta2"]))

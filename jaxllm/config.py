@@ -8,6 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The MLP's GELU: GPT-2 uses the tanh approximation; nanoGPT's nn.GELU() and HF's "gelu" the exact erf form.
+ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,7 @@ class GPTConfig:
     param_dtype: str = "float32"  # storage dtype of the weights (master copy when training)
     remat: bool = False           # recompute each block's activations in the backward pass
     attention: str = "auto"       # auto | xla | cudnn: how unmasked causal attention is computed
+    activation: str = "gelu_tanh"  # MLP nonlinearity: gelu_tanh (GPT-2) | gelu (exact erf, nanoGPT's nn.GELU)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -39,6 +42,8 @@ class GPTConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(
                     f"GPTConfig.{name}={getattr(self, name)!r} is not supported; use one of {sorted(_DTYPES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation={self.activation!r} is not supported; use one of {list(ACTIVATIONS)}")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"GPTConfig.attention={self.attention!r} is not supported; use auto, xla or cudnn")
         if self.attention == "cudnn" and (self.dropout > 0 or self.head_dim % 8 or self.head_dim > 128):

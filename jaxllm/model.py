@@ -249,13 +249,14 @@ class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         d = cfg.n_embd
         self.dropout_rate = cfg.dropout
+        self.approximate_gelu = cfg.activation == "gelu_tanh"
         common = dict(use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.c_fc = Linear(d, 4 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
         resid_std = _INIT_STD / math.sqrt(2 * cfg.n_layer)
         self.c_proj = Linear(4 * d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
 
     def __call__(self, x_ND: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.c_fc(x_ND, _fold(dropout_key, 1)), approximate=True)  # GPT-2's tanh GELU
+        h = jax.nn.gelu(self.c_fc(x_ND, _fold(dropout_key, 1)), approximate=self.approximate_gelu)
         return dropout(self.c_proj(h, _fold(dropout_key, 2)), self.dropout_rate, dropout_key)
 
 

@@ -292,22 +292,31 @@ def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, *, chunk
         st = _decode_jit(graphdef, state, st, np.int32(min(i + chunk_size, plan.max_new_tokens)), plan=plan)
 
 
-def decode_stream(tokenizer, id_chunks):
+def decode_stream(tokenizer, id_chunks, context: int = 4):
     """Text pieces for a stream of token-id chunks, never ending a piece inside a character.
 
-    After each chunk all ids so far are decoded again and the new tail is yielded, minus trailing
-    U+FFFD: a byte-level BPE token can stop in the middle of a UTF-8 character, which decodes as
-    a replacement character until a later token completes it. The last piece carries whatever was
-    held back. The pieces join to tokenizer.decode(all ids)."""
+    After each chunk a window of the latest ids is decoded and its new tail is yielded, minus
+    trailing U+FFFD: a byte-level BPE token can stop in the middle of a UTF-8 character, which
+    decodes as a replacement character until a later token completes it. Once everything decoded
+    so far is out, the window restarts `context` ids before the end (so tokenizers that decode a
+    token differently at the start of a text, like SentencePiece's leading space, see a left
+    neighbour), which keeps each decode short: the work is linear in the stream's length. The last
+    piece carries whatever was held back. For tokenizers whose decoding is a concatenation of
+    per-token text (char, byte-level BPE, tiktoken) the pieces join to tokenizer.decode(all ids)."""
     ids: list[int] = []
-    emitted = ""
+    start = 0       # the window is ids[start:]
+    emitted = ""    # the part of decode(ids[start:]) already yielded
     for chunk in id_chunks:
         ids += np.asarray(chunk).reshape(-1).tolist()
-        stable = tokenizer.decode(ids).rstrip("\ufffd")
+        text = tokenizer.decode(ids[start:])
+        stable = text.rstrip("\ufffd")
         if len(stable) > len(emitted) and stable.startswith(emitted):
             yield stable[len(emitted):]
             emitted = stable
-    text = tokenizer.decode(ids)
+        if emitted == text and len(ids) - start > 2 * context:
+            start = len(ids) - context
+            emitted = tokenizer.decode(ids[start:])
+    text = tokenizer.decode(ids[start:])
     if len(text) > len(emitted):
         yield text[len(emitted):]
 

@@ -1,6 +1,7 @@
 """Properties of the GPT model, its config, the losses and the sampler."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 from helpers import TINY, random_tokens
 from jaxllm.config import PRESETS, GPTConfig
 from jaxllm.losses import cross_entropy, cross_entropy_sum, next_token_loss
-from jaxllm.model import GPT, count_params
+from jaxllm.model import GPT, MLP, count_params
 from jaxllm.sampling import generate
 
 
@@ -155,6 +156,28 @@ def test_cudnn_attention_matches_einsum_attention_on_gpu():
     np.testing.assert_allclose(a, b, atol=3e-2)  # bf16 compute: both round differently
 
 
+_GELUS = {  # float64 references
+    "gelu": np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))),
+    "gelu_tanh": lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3))),
+}
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_mlp_nonlinearity_is_the_configured_gelu(activation):
+    """The MLP computes c_proj(gelu(c_fc(x))) with GPT-2's tanh form or the exact erf form, checked
+    against a float64 formula on inputs where the two forms differ by far more than the tolerance."""
+    d = 8
+    mlp = MLP(GPTConfig(vocab_size=16, block_size=4, n_layer=1, n_head=1, n_embd=d, bias=False,
+                        activation=activation), rngs=nnx.Rngs(0))
+    mlp.c_fc.kernel[...] = jnp.eye(d, 4 * d) * 3.0   # pre-activations 3x, in [-6, 6]
+    mlp.c_proj.kernel[...] = jnp.eye(4 * d, d)       # read the first d activations back
+    x = np.linspace(-2.0, 2.0, 4 * d).reshape(4, d)
+    got = np.asarray(mlp(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, _GELUS[activation](3.0 * x), atol=2e-6)
+    other = "gelu" if activation == "gelu_tanh" else "gelu_tanh"
+    assert np.abs(got - _GELUS[other](3.0 * x)).max() > 1e-4   # the check above tells the two apart
+
+
 def test_gpt2_preset_has_124_439_808_params_counted_and_built():
     cfg = GPTConfig.preset("gpt2")
     assert cfg.num_params() == 124_439_808
@@ -188,7 +211,8 @@ def test_config_rejects_n_embd_not_divisible_by_n_head():
 
 
 @pytest.mark.parametrize("field,value", [("n_layer", 0), ("vocab_size", -1), ("block_size", 2.5),
-                                         ("dropout", 1.0), ("dtype", "float64")])
+                                         ("dropout", 1.0), ("dtype", "float64"),
+                                         ("activation", "relu")])
 def test_config_rejects_invalid_field_naming_it(field, value):
     with pytest.raises(ValueError, match=field):
         TINY.replace(**{field: value})

@@ -309,6 +309,47 @@ def test_decode_stream_never_yields_half_a_utf8_character(byte_tok):
     assert all("\ufffd" not in p for p in pieces)
 
 
+class _CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each decode call is given."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, []
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return self.tok.decode(ids)
+
+
+def test_decode_stream_work_is_linear_in_the_stream_length(byte_tok):
+    text = MULTIBYTE * 60
+    ids = byte_tok.encode(text)
+    for chunk in (1, 3, 8):
+        counting = _CountingTokenizer(byte_tok)
+        pieces = list(decode_stream(counting, [ids[i:i + chunk] for i in range(0, len(ids), chunk)]))
+        assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+        # every decode sees a short window (context ids, a few chunks until one ends on a character
+        # boundary), never the whole stream of over 2000 ids
+        assert len(ids) > 2000 and max(counting.decoded) < 50
+
+
+def test_decode_stream_keeps_sentencepiece_style_leading_spaces():
+    """A Metaspace tokenizer drops the space of a text's first word when decoding; the stream's
+    window keeps left context, so words in the middle of the stream keep their space."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from jaxllm.tokenizer import HFTokenizer
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    backend.decoder = tokenizers.decoders.Metaspace()
+    corpus = ["the quick brown fox jumps over the lazy dog"] * 20
+    backend.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tok = HFTokenizer(backend=backend)
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.decode(ids[1:]) != text[1:]  # decoding does depend on context
+    pieces = list(decode_stream(tok, [[i] for i in ids]))
+    assert "".join(pieces) == text
+
+
 def test_streamed_text_joins_to_the_non_streaming_decode(byte_tok):
     m = GPT(GPTConfig(vocab_size=byte_tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32),
             rngs=nnx.Rngs(1))

@@ -33,7 +33,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Causal-mask buffers older transformers versions saved next to the weights; they hold no parameters.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are GPT-2's tanh approximation
+# HF activation_function -> GPTConfig.activation. gelu_new and gelu_pytorch_tanh are both GPT-2's tanh
+# approximation; "gelu" is the exact erf form.
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # Fields of GPTConfig that do not change which tensors exist or what they compute.
 _OVERRIDABLE = ("dropout", "dtype", "param_dtype", "remat")
@@ -97,8 +99,8 @@ def config_from_hf(hf: Mapping, where: str = CONFIG_FILE, **overrides) -> GPTCon
     if unknown_arch:
         raise refuse(f"architecture {unknown_arch[0]} is not supported (supported: {', '.join(_ARCHITECTURES)})")
     act = hf.get("activation_function", "gelu_new")
-    if act not in _TANH_GELUS:
-        raise refuse(f"activation_function {act!r} differs from GPT-2's tanh GELU ({' / '.join(_TANH_GELUS)})")
+    if act not in _HF_ACTIVATIONS:
+        raise refuse(f"activation_function {act!r} is not a GELU jaxllm has (supported: {', '.join(_HF_ACTIVATIONS)})")
     n_embd = hf.get("n_embd", 768)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise refuse(f"n_inner={hf['n_inner']} is not 4 * n_embd = {4 * n_embd}")
@@ -112,6 +114,7 @@ def config_from_hf(hf: Mapping, where: str = CONFIG_FILE, **overrides) -> GPTCon
     fields = dict(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
                   n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
                   layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                  activation=_HF_ACTIVATIONS[act],
                   # jaxllm has one dropout rate; HF's residual dropout is the one fine-tuning feels most.
                   dropout=float(hf.get("resid_pdrop", 0.1)),
                   # to_hf marks bias-free models; their (zero) biases are then dropped on the way back.
@@ -129,7 +132,8 @@ def config_to_hf(cfg: GPTConfig, eos_id: int | None = None) -> dict:
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+        "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": cfg.layer_norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
         "use_cache": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "dtype": "float32",
