@@ -184,6 +184,34 @@ def test_loop_stops_on_nan_naming_the_step_and_keeps_last_good_checkpoint(tmp_pa
         ckpt.close()
     assert all(np.isfinite(a).all() for a in restored)
     assert max(np.abs(a - b).max() for a, b in zip(restored, init)) > 1e-4  # trained weights
+    # the model object stays usable and holds finite trained weights (the NaN step was not applied)
+    assert all(np.isfinite(a).all() for a in _params(nnx.state(model, nnx.Param)))
+    assert np.isfinite(_forward(model, _fixed_batch(0)[0][0])).all()
+
+
+def test_interrupted_loop_leaves_the_model_usable_with_the_steps_that_ran(tmp_path):
+    """Ctrl-C in a notebook: the donated train step took the model's buffers; the loop puts the
+    latest weights back, so the model equals one trained for exactly the steps that ran."""
+    def run(root, max_iters, interrupt_at=None):
+        model = GPT(TINY, rngs=nnx.Rngs(0))
+        loop = LoopConfig(out_dir=str(tmp_path / root), batch_size=B, max_iters=max_iters, eval_interval=0,
+                          log_interval=1, ckpt_interval=0, peak_flops=1e11, tensorboard=False, progress=False)
+
+        def batches(s):
+            if s == interrupt_at:
+                raise KeyboardInterrupt
+            return _fixed_batch(s)
+        try:
+            train_loop(model, scaled_lm_loss, batches, optim=CONST_LR, loop=loop, meta={"model": TINY.to_dict()},
+                       tokens_per_step=B * T, flops_per_token=TINY.flops_per_token(T))
+        except KeyboardInterrupt:
+            assert interrupt_at is not None
+        return model
+
+    interrupted = run("interrupted", 8, interrupt_at=3)
+    for a, b in zip(_params(nnx.state(interrupted, nnx.Param)), _params(nnx.state(run("three", 3), nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- pretraining runs

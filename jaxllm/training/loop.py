@@ -75,6 +75,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                on_start: Callable[[], None] | None = None, checkpoint_frozen: bool = True) -> TrainResult:
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
+    If the run stops early (KeyboardInterrupt, NonFiniteLossError), `model` still holds the
+    latest weights in memory (a non-finite step is never applied) before the error propagates.
+
     batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis.
     make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
     data-parallel mesh the state lives on (None on one device).
@@ -182,13 +185,23 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         bar.close()
         writer.close()
         ckpt.close()
+        # Also when stopped (Ctrl-C, a non-finite loss): the step donates the buffers the model
+        # was built on, so the model is usable again only once it holds the latest state.
+        _write_back(model, state, mesh)
     train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
-    trainable, frozen = state.trainable, state.frozen
-    if mesh is not None:  # back to one device, so later inference does not run once per device
-        trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
-    nnx.update(model, trainable, frozen)
     return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
                        eval_seconds, checkpoint_seconds)
+
+
+def _write_back(model: nnx.Module, state: TrainState, mesh) -> None:
+    """Put the latest weights into `model`, on one device (so that later inference does not run
+    once per device). Skipped if a step failed after taking the state's buffers."""
+    trainable, frozen = state.trainable, state.frozen
+    if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves((trainable, frozen))):
+        return
+    if mesh is not None:
+        trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
+    nnx.update(model, trainable, frozen)
 
 
 def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
