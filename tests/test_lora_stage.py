@@ -152,6 +152,27 @@ def test_lora_tunes_a_hugging_face_directory_with_its_own_tokenizer(base, tmp_pa
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.train.model(x)))
 
 
+def test_a_base_whose_weights_changed_is_refused_on_load_and_resume(base, tmp_path):
+    """Same path, same config, other weights (a base re-exported or overwritten): the PEFT run's
+    fingerprint of its base tells, so the LoRA is never put onto weights it was not trained on."""
+    import safetensors.numpy
+    from jaxllm.interop import checkpoint_to_hf
+
+    run, corpus = base
+    hf_dir = checkpoint_to_hf(run, tmp_path / "hf")
+    _tune(tmp_path, hf_dir, f"data.source={corpus}", "train.max_iters=2", "train.eval_interval=0")
+    load_checkpoint(tmp_path / "run")   # the base as it was: loads
+    weights = safetensors.numpy.load_file(hf_dir / "model.safetensors")
+    name = next(n for n in sorted(weights) if n.endswith("mlp.c_fc.weight"))
+    weights[name] = weights[name] * 1.01
+    safetensors.numpy.save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="same config, other weights"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(ValueError, match="other weights than the run was trained on"):
+        _tune(tmp_path, hf_dir, f"data.source={corpus}", "train.max_iters=4", "train.resume=true",
+              "train.eval_interval=0")
+
+
 def test_base_step_is_fixed_and_resume_refuses_changed_peft_settings(base, tuned, tmp_path):
     root, result = tuned
     ckpt = Checkpointer(base[0], create=False)

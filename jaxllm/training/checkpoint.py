@@ -100,7 +100,7 @@ def _restore_target(x) -> jax.ShapeDtypeStruct:
 
 def _peft_model(meta: dict, run_dir):
     from jaxllm.peft.files import apply_peft
-    from jaxllm.training.finetune import load_base
+    from jaxllm.training.finetune import load_base, same_fingerprint, weights_fingerprint
 
     base = meta["base"]
     try:
@@ -111,6 +111,9 @@ def _peft_model(meta: dict, run_dir):
     if cfg.to_dict() != meta["model"]:
         raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
                          f"(its config changed); restore that base or retrain")
+    if "fingerprint" in base and not same_fingerprint(weights_fingerprint(model), base["fingerprint"]):
+        raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
+                         f"(same config, other weights); restore that base or retrain")
     return apply_peft(model, meta["peft"], f"{run_dir} metadata")
 
 

@@ -10,9 +10,12 @@ metadata names the base, so `load_checkpoint` rebuilds the model from base + che
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import typing
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.peft import AdapterConfig, LoraConfig, PeftParam, PrefixConfig, add_adapters, add_lora, add_prefix
@@ -104,14 +107,34 @@ def base_meta(path, step: int | None) -> dict:
     return {"path": str(pathlib.Path(path).expanduser().absolute()), "step": step, "kind": kind}
 
 
+@jax.jit
+def _sums(leaves):
+    return jnp.stack([jnp.stack([jnp.sum(x, dtype=jnp.float32), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                      for x in leaves])
+
+
+def weights_fingerprint(model) -> list[float]:
+    """The sum and the sum of squares of each base weight (PEFT weights left out), in state order:
+    a few numbers that tell whether a base model's files still hold the weights a PEFT run was
+    trained on. Compare with `same_fingerprint` (summation order may differ between devices)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(PeftParam))))
+    return [float(v) for v in jax.device_get(_sums(leaves)).reshape(-1)]
+
+
+def same_fingerprint(a, b, rtol: float = 1e-4) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rtol, abs_tol=1e-3) for x, y in zip(a, b))
+
+
 def peft_run_meta(model, trainable, init) -> dict:
-    """The metadata a run that trains only PEFT weights adds (its base and its PEFT modules), so its
-    checkpoints can hold those weights alone; {} for full fine-tuning."""
+    """The metadata a run that trains only PEFT weights adds (its base, with a fingerprint of the
+    base weights, and its PEFT modules), so its checkpoints can hold those weights alone; {} for
+    full fine-tuning."""
     from jaxllm.peft.files import describe_peft
 
     if trainable is nnx.Param:
         return {}
-    return {"base": base_meta(init.path, init.step), "peft": describe_peft(model)}
+    base = {**base_meta(init.path, init.step), "fingerprint": weights_fingerprint(model)}
+    return {"base": base, "peft": describe_peft(model)}
 
 
 def tokenizer_spec(data_tokenizer: typing.Optional[str], base_path, base_tok) -> str:
