@@ -62,6 +62,12 @@ class TaskSettings:
     max_words: int = 3         # map: 1..max_words words
 
 
+def _pick(rng: np.random.Generator, pool: str, n: int) -> list[str]:
+    """n items of `pool` with replacement: the draws of rng.choice(list(pool), n), without its
+    per-call overhead (a third of make_splits' time)."""
+    return [pool[i] for i in rng.integers(0, len(pool), n)]
+
+
 def _task_input_output(task: str, rng: np.random.Generator, s: TaskSettings) -> tuple[str, str]:
     if task == "add":
         a, b = (int(rng.integers(0, 10 ** int(rng.integers(1, s.n_digits + 1)))) for _ in range(2))
@@ -69,11 +75,11 @@ def _task_input_output(task: str, rng: np.random.Generator, s: TaskSettings) -> 
         width = s.n_digits if s.pad_operands else 0
         return f"{a:0{width}d}+{b:0{width}d}", total[::-1] if s.reverse_sum else total
     if task == "reverse":
-        word = "".join(rng.choice(list(string.ascii_lowercase), int(rng.integers(2, s.max_word_len + 1))))
+        word = "".join(_pick(rng, string.ascii_lowercase, int(rng.integers(2, s.max_word_len + 1))))
         return word, word[::-1]
     if task == "sort":
-        pool = list(string.digits if rng.random() < 0.5 else string.ascii_lowercase)
-        items = [str(x) for x in rng.choice(pool, int(rng.integers(2, s.max_items + 1)))]
+        pool = string.digits if rng.random() < 0.5 else string.ascii_lowercase
+        items = _pick(rng, pool, int(rng.integers(2, s.max_items + 1)))
         return ",".join(items), ",".join(sorted(items))
     if task == "map":
         words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), int(rng.integers(1, s.max_words + 1)))]
