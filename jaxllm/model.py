@@ -154,6 +154,15 @@ def _head_by_chunks(wte_VD: jax.Array, h_DR: jax.Array, chunk: int = _HEAD_CHUNK
     return out_VR
 
 
+def _recomputed(fn, module: nnx.Module, *args):
+    """fn(module, *args), its activations recomputed in the backward pass (remat). A pure
+    jax.checkpoint over the module's state: nnx.remat writes the state back into the module's
+    Variables, which fails when some of them belong to an outer trace, as a PEFT train step's
+    frozen base weights do."""
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda st, *a: fn(nnx.merge(graphdef, st), *a))(state, *args)
+
+
 class Linear(nnx.Linear):
     """`nnx.Linear` plus a slot for a low-rank update (filled by `jaxllm.peft.lora`).
 
@@ -322,7 +331,7 @@ class GPT(nnx.Module):
             return self._features_cached(tokens_BT, attention_mask, positions, dropout_key, cache)
         if self._active_prefix() is not None:  # prefix slots in front: the cached path attends to them
             h_BTD, _ = self._features_cached(tokens_BT, attention_mask, positions, dropout_key,
-                                             self.init_cache(B, T))
+                                             self.init_cache(B, T), remat=cfg.remat)
             return h_BTD
         if positions is None:
             positions = default_positions(attention_mask, T)
@@ -332,7 +341,7 @@ class GPT(nnx.Module):
         for i, block in enumerate(self.h):
             key = _fold(dropout_key, i)
             if cfg.remat:
-                x_ND = nnx.remat(lambda blk, x, m, k: blk(x, B, T, m, k))(block, x_ND, mask_BTT, key)
+                x_ND = _recomputed(lambda blk, x, m, k: blk(x, B, T, m, k), block, x_ND, mask_BTT, key)
             else:
                 x_ND = block(x_ND, B, T, mask_BTT, key)
         return self.ln_f(x_ND).reshape(B, T, cfg.n_embd)
@@ -344,7 +353,8 @@ class GPT(nnx.Module):
         x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
         return dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
 
-    def _features_cached(self, tokens_BT, attention_mask, positions, dropout_key, cache: KVCache):
+    def _features_cached(self, tokens_BT, attention_mask, positions, dropout_key, cache: KVCache,
+                         remat: bool = False):
         cfg = self.config
         B, T = tokens_BT.shape
         if cache.valid.shape[0] != B:
@@ -382,9 +392,15 @@ class GPT(nnx.Module):
         gated = prefix is not None and prefix.gated
         ks, vs = [], []
         for i, block in enumerate(self.h):
-            gate = (prefix.n_tokens, prefix.gate[...][i]) if gated else None
-            x_ND, (k, v) = block(x_ND, B, T, mask_BTS, _fold(dropout_key, i),
-                                 kv=(cache.k[i], cache.v[i], start, gate))
+            n_gated = prefix.n_tokens if gated else None
+
+            def run(blk, x, m, key, k_cache, v_cache, at, gate_value, n_gated=n_gated):
+                gate = None if n_gated is None else (n_gated, gate_value)
+                return blk(x, B, T, m, key, kv=(k_cache, v_cache, at, gate))
+            args = (block, x_ND, mask_BTS, _fold(dropout_key, i), cache.k[i], cache.v[i], start,
+                    prefix.gate[...][i] if gated else None)
+            # a prefix model's full forward (training) runs here: recompute each block there too
+            x_ND, (k, v) = _recomputed(run, *args) if remat else run(*args)
             ks.append(k)
             vs.append(v)
         next_pos = jnp.maximum(cache.next_pos, jnp.max(jnp.where(real_BT, positions + 1, 0), axis=1))
