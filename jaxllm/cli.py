@@ -123,7 +123,10 @@ def _cmd_sample(args) -> None:
 def _cmd_export_hf(args) -> None:
     from jaxllm.interop import checkpoint_to_hf
 
-    out = checkpoint_to_hf(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
+    try:
+        out = checkpoint_to_hf(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
+    except FileExistsError as e:  # the library's advice names its keyword; here it is a flag
+        raise FileExistsError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
     print(f"wrote {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 

@@ -264,6 +264,10 @@ class BPETokenizer(HFTokenizer):
             show_progress=False,
         )
         backend.train_from_iterator(texts, trainer=trainer)
+        if backend.get_vocab_size() < vocab_size:
+            print(f"bpe: the corpus gave {backend.get_vocab_size():,} tokens, fewer than the {vocab_size:,} "
+                  f"asked for (no pair occurs {min_frequency}+ times beyond that); using "
+                  f"{backend.get_vocab_size():,}")
         eos = special_tokens[0] if len(special_tokens) > 0 else None
         pad = special_tokens[1] if len(special_tokens) > 1 else None
         return cls(backend=backend, eos_token=eos, pad_token=pad)

@@ -91,4 +91,4 @@ def test_export_hf_command_writes_a_directory_that_loads_back_with_the_same_logi
     x = np.asarray([tok.encode("the lazy fox")])
     np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(original(x)), atol=1e-5)
     rc, _, err = run_main(["export-hf", "--ckpt", root / "run", "--out", tmp_path / "hf"])
-    assert rc == 2 and "hf" in err  # a non-empty target is refused without --overwrite
+    assert rc == 2 and "hf" in err and "pass --overwrite" in err  # refused, naming the CLI's flag

@@ -100,6 +100,12 @@ def test_bpe_compresses_english_better_than_bytes(bpe, shakespeare):
     assert len(bpe.encode(sample)) < 0.7 * len(sample.encode("utf-8"))
 
 
+def test_bpe_on_a_small_corpus_says_when_it_gives_fewer_tokens_than_asked(capsys):
+    tok = BPETokenizer.train("abab abab cdcd " * 20, vocab_size=1000)
+    assert 258 < tok.vocab_size < 1000
+    assert f"the corpus gave {tok.vocab_size:,} tokens, fewer than the 1,000 asked for" in capsys.readouterr().out
+
+
 def test_bpe_vocab_smaller_than_the_byte_alphabet_is_refused():
     with pytest.raises(ValueError, match="at least 258"):
         BPETokenizer.train("hello", vocab_size=100)

@@ -189,6 +189,16 @@ def test_loop_stops_on_nan_naming_the_step_and_keeps_last_good_checkpoint(tmp_pa
     assert np.isfinite(_forward(model, _fixed_batch(0)[0][0])).all()
 
 
+def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(tmp_path, capsys):
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    loop = LoopConfig(out_dir=str(tmp_path / "new"), batch_size=B, max_iters=1, eval_interval=0, log_interval=1,
+                      ckpt_interval=0, peak_flops=1e11, tensorboard=False, progress=False, resume=True)
+    result = train_loop(model, scaled_lm_loss, _fixed_batch, optim=CONST_LR, loop=loop,
+                        meta={"model": TINY.to_dict()}, tokens_per_step=B * T, flops_per_token=TINY.flops_per_token(T))
+    assert "holds no checkpoint yet; starting from step 0" in capsys.readouterr().out
+    assert sorted(result.losses) == [0]
+
+
 def test_interrupted_loop_leaves_the_model_usable_with_the_steps_that_ran(tmp_path):
     """Ctrl-C in a notebook: the donated train step took the model's buffers; the loop puts the
     latest weights back, so the model equals one trained for exactly the steps that ran."""

@@ -95,6 +95,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         # nnx.state() returns a copy: the restored weights must be written back into the model.
         saved = nnx.state(model) if checkpoint_frozen else nnx.state(model, trainable)
         nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
+    elif loop.resume:
+        print(f"train.resume: {ckpt.directory} holds no checkpoint yet; starting from step 0")
     graphdef, state = init_train_state(model, optimizer, trainable)
     if start:
         restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
