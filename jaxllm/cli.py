@@ -31,7 +31,26 @@ def _stage_config(cls, args):
             raise ValueError(f"unexpected argument {item!r}: give one YAML file, then key=value overrides")
     if args.resume:
         overrides.append("train.resume=true")
-    return load_config(cls, config_path, overrides)
+    config = load_config(cls, config_path, overrides)
+    saved = _saved_settings(config.train.out_dir) if config.train.resume else None
+    if saved is not None:  # resuming: the run's own settings, then whatever is given now
+        config = load_config(cls, config_path, overrides, base=saved)
+    return config
+
+
+def _saved_settings(out_dir) -> dict | None:
+    """The settings the run in `out_dir` was started with (its latest checkpoint's), if any."""
+    import pathlib
+
+    from jaxllm.training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
+
+    if not (pathlib.Path(out_dir) / CHECKPOINT_SUBDIR).is_dir():
+        return None
+    ckpt = Checkpointer(out_dir, create=False)
+    try:
+        return ckpt.read_meta().get("config") if ckpt.latest_step() is not None else None
+    finally:
+        ckpt.close()
 
 
 def _print_run(out, train, val_loss, sample) -> None:

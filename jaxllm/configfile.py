@@ -111,10 +111,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):
-    """Defaults of `cls`, then the YAML file at `path`, then the overrides, in that order."""
+def _known(base: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `base` that `defaults` also has (a saved config may hold settings since removed)."""
+    return {k: _known(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults[k], dict) else v
+            for k, v in base.items() if k in defaults}
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] = (),
+                base: dict[str, Any] | None = None):
+    """Defaults of `cls` (updated by `base`, e.g. the settings a run being resumed was started
+    with), then the YAML file at `path`, then the overrides, in that order."""
     data: dict[str, Any] = {}
     defaults = to_dict(cls())
+    if base:
+        defaults = _merge(defaults, _known(base, defaults))
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist")

@@ -1,5 +1,6 @@
 """Smoke tests of `jaxllm <command>` and the `python train/pretrain.py` script entry."""
 
+import json
 import os
 import pathlib
 import re
@@ -40,6 +41,23 @@ def test_pretrain_command_trains_and_prints_val_loss_and_sample(pretrained):
     assert sample.startswith("\n") and len(sample) == 1 + 8  # default prompt + 8 new characters
     assert (root / "run" / "checkpoints" / "6").is_dir()
     assert (root / "run" / "tokenizer").is_dir()
+
+
+def test_resume_takes_the_runs_own_settings_and_continues_exactly(pretrained, tmp_path, tiny_overrides):
+    """`--resume` with only out_dir (and a longer max_iters) continues a run started with other
+    model and optimizer settings, as nanoGPT's init_from=resume does: losses equal an unbroken run."""
+    root, _ = pretrained
+    changed = ("model.n_layer=1", "optim.learning_rate=3e-3", "train.log_interval=1")
+    rc, _, err = run_main(["pretrain", *tiny_overrides(tmp_path / "a", *changed)])
+    assert rc == 0, err
+    rc, out, err = run_main(["pretrain", f"train.out_dir={tmp_path}/a/run", "train.max_iters=9", "--resume"])
+    assert rc == 0, err
+    assert "finished 9 steps" in out
+    rc, _, err = run_main(["pretrain", *tiny_overrides(tmp_path / "b", *changed, "train.max_iters=9")])
+    assert rc == 0, err
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "run" / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for r in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 9
 
 
 def test_sample_command_continues_the_prompt_from_a_checkpoint(pretrained):
