@@ -32,14 +32,15 @@ def _stage_config(cls, args):
     if args.resume:
         overrides.append("train.resume=true")
     config = load_config(cls, config_path, overrides)
-    saved = _saved_settings(config.train.out_dir) if config.train.resume else None
+    saved = _saved_settings(config.train.out_dir, args.command) if config.train.resume else None
     if saved is not None:  # resuming: the run's own settings, then whatever is given now
         config = load_config(cls, config_path, overrides, base=saved)
     return config
 
 
-def _saved_settings(out_dir) -> dict | None:
-    """The settings the run in `out_dir` was started with (its latest checkpoint's), if any."""
+def _saved_settings(out_dir, command: str) -> dict | None:
+    """The settings the run in `out_dir` was started with (its latest checkpoint's), if it is a run
+    of the same command (another stage's run is refused later, by the resume checks)."""
     import pathlib
 
     from jaxllm.training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
@@ -48,7 +49,8 @@ def _saved_settings(out_dir) -> dict | None:
         return None
     ckpt = Checkpointer(out_dir, create=False)
     try:
-        return ckpt.read_meta().get("config") if ckpt.latest_step() is not None else None
+        meta = ckpt.read_meta() if ckpt.latest_step() is not None else {}
+        return meta.get("config") if meta.get("kind") == command else None
     finally:
         ckpt.close()
 
