@@ -189,6 +189,16 @@ def test_loop_stops_on_nan_naming_the_step_and_keeps_last_good_checkpoint(tmp_pa
     assert np.isfinite(_forward(model, _fixed_batch(0)[0][0])).all()
 
 
+def test_resume_check_reads_old_model_configs_with_defaults_for_fields_added_since():
+    from jaxllm.training.loop import _check_resume_compatible
+    old = {k: v for k, v in TINY.to_dict().items() if k != "activation"}   # saved before the field existed
+    _check_resume_compatible({"model": old}, {"model": TINY.to_dict()}, "run")
+    with pytest.raises(ValueError, match="model config"):
+        _check_resume_compatible({"model": old}, {"model": TINY.replace(n_layer=3).to_dict()}, "run")
+    with pytest.raises(ValueError, match="model config"):
+        _check_resume_compatible({"model": old}, {"model": TINY.replace(activation="gelu").to_dict()}, "run")
+
+
 def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(tmp_path, capsys):
     model = GPT(TINY, rngs=nnx.Rngs(0))
     loop = LoopConfig(out_dir=str(tmp_path / "new"), batch_size=B, max_iters=1, eval_interval=0, log_interval=1,

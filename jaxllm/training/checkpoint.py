@@ -100,6 +100,7 @@ def _restore_target(x) -> jax.ShapeDtypeStruct:
 
 def _peft_model(meta: dict, run_dir):
     from jaxllm.peft.files import apply_peft
+    from jaxllm.config import GPTConfig
     from jaxllm.training.finetune import load_base, same_fingerprint, weights_fingerprint
 
     base = meta["base"]
@@ -108,7 +109,7 @@ def _peft_model(meta: dict, run_dir):
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{run_dir} holds only adapter weights; its base model {base['path']} "
                                 f"is needed too ({e})") from None
-    if cfg.to_dict() != meta["model"]:
+    if cfg != GPTConfig.from_dict(meta["model"]):  # fields added since take their defaults
         raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
                          f"(its config changed); restore that base or retrain")
     if "fingerprint" in base and not same_fingerprint(weights_fingerprint(model), base["fingerprint"]):

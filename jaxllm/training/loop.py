@@ -221,8 +221,15 @@ def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
     return ckpt
 
 
+def _model_config(meta: dict):
+    """meta["model"] as a GPTConfig, so that a field added since (with its default) compares equal."""
+    from jaxllm.config import GPTConfig
+
+    return GPTConfig.from_dict(meta["model"]) if meta.get("model") is not None else None
+
+
 def _check_resume_compatible(saved: dict, current: dict, where) -> None:
-    if saved.get("model") != current.get("model"):
+    if _model_config(saved) != _model_config(current):
         raise ValueError(
             f"cannot resume from {where}: its model config {saved.get('model')} differs from the "
             f"requested {current.get('model')}; use the same model settings or another out_dir")
