@@ -96,6 +96,8 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: GPTConfig, batch_size: int, max_len: int) -> "KVCache":
+        """An empty cache. For a model, prefer `model.init_cache(batch_size, max_len)`: with prefix
+        tuning it also puts the learned prefix in front, which an empty cache would leave out."""
         if max_len <= 0 or batch_size <= 0:
             raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
         B, S, H, hd = batch_size, max_len, cfg.n_head, cfg.head_dim
