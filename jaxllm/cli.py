@@ -34,6 +34,8 @@ def _stage_config(cls, args):
     config = load_config(cls, config_path, overrides)
     saved = _saved_settings(config.train.out_dir, args.command) if config.train.resume else None
     if saved is not None:  # resuming: the run's own settings, then whatever is given now
+        # the run lives where it was found now, wherever it was started (a copied or moved run)
+        saved["train"] = {**saved.get("train", {}), "out_dir": str(config.train.out_dir)}
         config = load_config(cls, config_path, overrides, base=saved)
     return config
 
@@ -50,7 +52,12 @@ def _saved_settings(out_dir, command: str) -> dict | None:
     ckpt = Checkpointer(out_dir, create=False)
     try:
         meta = ckpt.read_meta() if ckpt.latest_step() is not None else {}
-        return meta.get("config") if meta.get("kind") == command else None
+        if meta.get("kind") != command or not isinstance(meta.get("config"), dict):
+            return None
+        saved = dict(meta["config"])
+        if meta.get("base"):  # a PEFT run: the base it was pinned to (absolute path, fixed step)
+            saved["init"] = {**saved.get("init", {}), "path": meta["base"]["path"], "step": meta["base"]["step"]}
+        return saved
     finally:
         ckpt.close()
 

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -43,20 +44,25 @@ def test_pretrain_command_trains_and_prints_val_loss_and_sample(pretrained):
     assert (root / "run" / "tokenizer").is_dir()
 
 
-def test_resume_takes_the_runs_own_settings_and_continues_exactly(pretrained, tmp_path, tiny_overrides):
-    """`--resume` with only out_dir (and a longer max_iters) continues a run started with other
-    model and optimizer settings, as nanoGPT's init_from=resume does: losses equal an unbroken run."""
-    root, _ = pretrained
+def test_resume_takes_the_runs_own_settings_and_continues_exactly(tmp_path, tiny_overrides, monkeypatch):
+    """`--resume` with only a longer max_iters continues a run started with other model and
+    optimizer settings, as nanoGPT's init_from=resume does: losses equal an unbroken run."""
     changed = ("model.n_layer=1", "optim.learning_rate=3e-3", "train.log_interval=1")
     rc, _, err = run_main(["pretrain", *tiny_overrides(tmp_path / "a", *changed)])
     assert rc == 0, err
-    rc, out, err = run_main(["pretrain", f"train.out_dir={tmp_path}/a/run", "train.max_iters=9", "--resume"])
+    # moved to where the default train.out_dir points: resumed there, not back where it started
+    moved = tmp_path / "moved" / "runs" / "shakespeare-char"
+    shutil.copytree(tmp_path / "a" / "run", moved)
+    monkeypatch.chdir(tmp_path / "moved")
+    rc, out, err = run_main(["pretrain", "train.max_iters=9", "--resume"])
     assert rc == 0, err
-    assert "finished 9 steps" in out
+    assert "finished 9 steps" in out and "checkpoints: runs/shakespeare-char/checkpoints" in out
+    assert sorted(p.name for p in (tmp_path / "a" / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["6"]
+    assert (moved / "checkpoints" / "9").is_dir()
     rc, _, err = run_main(["pretrain", *tiny_overrides(tmp_path / "b", *changed, "train.max_iters=9")])
     assert rc == 0, err
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "run" / "metrics.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)] for r in ("a", "b")]
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in (moved, tmp_path / "b" / "run")]
     assert losses[0] == losses[1] and len(losses[0]) == 9
 
 

@@ -2,6 +2,7 @@
 loop, checkpointing only the tuned weights, resuming exactly, and exporting adapter and merged model."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -171,6 +172,24 @@ def test_a_base_whose_weights_changed_is_refused_on_load_and_resume(base, tmp_pa
     with pytest.raises(ValueError, match="other weights than the run was trained on"):
         _tune(tmp_path, hf_dir, f"data.source={corpus}", "train.max_iters=4", "train.resume=true",
               "train.eval_interval=0")
+
+
+def test_resume_keeps_the_base_step_it_was_pinned_to_after_the_base_trained_on(base, tmp_path):
+    """A LoRA run pins its base run's latest step; the base run then trains on. `jaxllm lora --resume`
+    must continue on the pinned step (from the run's saved settings), not refuse or move."""
+    run, corpus = base
+    shutil.copytree(run, tmp_path / "base")
+    tune = ["lora", f"init.path={tmp_path}/base", f"data.source={corpus}", f"data.dataset_dir={tmp_path}/data",
+            f"train.out_dir={tmp_path}/lora", "train.batch_size=4", "train.max_iters=2", "train.eval_interval=0",
+            "train.ckpt_interval=0", "train.progress=false", "train.tensorboard=false", "sample.max_new_tokens=0"]
+    rc, _, err = run_main(tune)
+    assert rc == 0, err
+    pinned = load_checkpoint(tmp_path / "lora")[3]["base"]["step"]
+    rc, _, err = run_main(["pretrain", f"train.out_dir={tmp_path}/base", "train.max_iters=45", "--resume"])
+    assert rc == 0, err
+    rc, out, err = run_main(["lora", f"train.out_dir={tmp_path}/lora", "train.max_iters=3", "--resume"])
+    assert rc == 0, err
+    assert "finished 3 steps" in out and load_checkpoint(tmp_path / "lora")[3]["base"]["step"] == pinned
 
 
 def test_base_step_is_fixed_and_resume_refuses_changed_peft_settings(base, tuned, tmp_path):

@@ -235,17 +235,19 @@ def _check_resume_compatible(saved: dict, current: dict, where) -> None:
             f"requested {current.get('model')}; use the same model settings or another out_dir")
     for key, what in (("peft", "peft.* settings"), ("base", "base model (init.path / init.step)")):
         was, now = saved.get(key), json.loads(json.dumps(current.get(key)))  # as the JSON meta holds it
-        if key == "base" and was and now:  # the weights' fingerprint: compared with a tolerance
-            from jaxllm.training.finetune import same_fingerprint
-
+        prints_were = prints_now = None
+        if key == "base" and was and now:  # the weights' fingerprint: compared last, with a tolerance
             was, now = dict(was), dict(now)
-            a, b = was.pop("fingerprint", None), now.pop("fingerprint", None)
-            if a is not None and b is not None and not same_fingerprint(a, b):
-                raise ValueError(f"cannot resume from {where}: the base model at {now['path']} now holds "
-                                 f"other weights than the run was trained on; restore that base or "
-                                 f"choose another train.out_dir")
+            prints_were, prints_now = was.pop("fingerprint", None), now.pop("fingerprint", None)
         if was != now:
             raise ValueError(
                 f"cannot resume from {where}: its {what} {was} differ from the requested "
                 f"{now}; resume with the same settings or choose another train.out_dir")
+        if prints_were is not None and prints_now is not None:
+            from jaxllm.training.finetune import same_fingerprint
+
+            if not same_fingerprint(prints_were, prints_now):
+                raise ValueError(f"cannot resume from {where}: the base model at {now['path']} now holds "
+                                 f"other weights than the run was trained on; restore that base or "
+                                 f"choose another train.out_dir")
 
