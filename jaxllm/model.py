@@ -392,13 +392,12 @@ class GPT(nnx.Module):
             mask_BTS &= jax.lax.dynamic_update_slice(seen_BTS, pair_BTT, (0, 0, start))
         prefix = self._active_prefix()
         gated = prefix is not None and prefix.gated
+        def run(blk, x, m, key, k_cache, v_cache, at, gate_value):  # arrays only: remat can trace it
+            gate = (prefix.n_tokens, gate_value) if gated else None
+            return blk(x, B, T, m, key, kv=(k_cache, v_cache, at, gate))
+
         ks, vs = [], []
         for i, block in enumerate(self.h):
-            n_gated = prefix.n_tokens if gated else None
-
-            def run(blk, x, m, key, k_cache, v_cache, at, gate_value, n_gated=n_gated):
-                gate = None if n_gated is None else (n_gated, gate_value)
-                return blk(x, B, T, m, key, kv=(k_cache, v_cache, at, gate))
             args = (block, x_ND, mask_BTS, _fold(dropout_key, i), cache.k[i], cache.v[i], start,
                     prefix.gate[...][i] if gated else None)
             # a prefix model's full forward (training) runs here: recompute each block there too

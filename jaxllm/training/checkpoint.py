@@ -101,7 +101,7 @@ def _restore_target(x) -> jax.ShapeDtypeStruct:
 def _peft_model(meta: dict, run_dir):
     from jaxllm.peft.files import apply_peft
     from jaxllm.config import GPTConfig
-    from jaxllm.training.finetune import load_base, same_fingerprint, weights_fingerprint
+    from jaxllm.training.finetune import load_base, same_base_weights, weights_fingerprint
 
     base = meta["base"]
     try:
@@ -112,7 +112,7 @@ def _peft_model(meta: dict, run_dir):
     if cfg != GPTConfig.from_dict(meta["model"]):  # fields added since take their defaults
         raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
                          f"(its config changed); restore that base or retrain")
-    if "fingerprint" in base and not same_fingerprint(weights_fingerprint(model), base["fingerprint"]):
+    if not same_base_weights(base, weights_fingerprint(model)):
         raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
                          f"(same config, other weights); restore that base or retrain")
     return apply_peft(model, meta["peft"], f"{run_dir} metadata")

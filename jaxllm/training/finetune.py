@@ -116,13 +116,20 @@ def _sums(leaves):
 def weights_fingerprint(model) -> list[float]:
     """The sum and the sum of squares of each base weight (PEFT weights left out), in state order:
     a few numbers that tell whether a base model's files still hold the weights a PEFT run was
-    trained on. Compare with `same_fingerprint` (summation order may differ between devices)."""
+    trained on. Compare with `same_base_weights`."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(PeftParam))))
     return [float(v) for v in jax.device_get(_sums(leaves)).reshape(-1)]
 
 
-def same_fingerprint(a, b, rtol: float = 1e-4) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rtol, abs_tol=1e-3) for x, y in zip(a, b))
+def same_base_weights(recorded_base: dict, fingerprint, rtol: float = 1e-4) -> bool:
+    """Whether `fingerprint` matches the one in `recorded_base` (a meta["base"]), within a tolerance
+    (summation order may differ between devices). True where either is missing: runs recorded
+    before fingerprints existed."""
+    recorded = recorded_base.get("fingerprint")
+    if recorded is None or fingerprint is None:
+        return True
+    return len(recorded) == len(fingerprint) and all(
+        math.isclose(x, y, rel_tol=rtol, abs_tol=1e-3) for x, y in zip(recorded, fingerprint))
 
 
 def peft_run_meta(model, trainable, init) -> dict:

@@ -235,18 +235,18 @@ def _check_resume_compatible(saved: dict, current: dict, where) -> None:
             f"requested {current.get('model')}; use the same model settings or another out_dir")
     for key, what in (("peft", "peft.* settings"), ("base", "base model (init.path / init.step)")):
         was, now = saved.get(key), json.loads(json.dumps(current.get(key)))  # as the JSON meta holds it
-        prints_were = prints_now = None
+        recorded_base = fingerprint = None
         if key == "base" and was and now:  # the weights' fingerprint: compared last, with a tolerance
-            was, now = dict(was), dict(now)
-            prints_were, prints_now = was.pop("fingerprint", None), now.pop("fingerprint", None)
+            recorded_base, fingerprint = was, now.get("fingerprint")
+            was, now = ({k: v for k, v in b.items() if k != "fingerprint"} for b in (was, now))
         if was != now:
             raise ValueError(
                 f"cannot resume from {where}: its {what} {was} differ from the requested "
                 f"{now}; resume with the same settings or choose another train.out_dir")
-        if prints_were is not None and prints_now is not None:
-            from jaxllm.training.finetune import same_fingerprint
+        if recorded_base is not None:
+            from jaxllm.training.finetune import same_base_weights
 
-            if not same_fingerprint(prints_were, prints_now):
+            if not same_base_weights(recorded_base, fingerprint):
                 raise ValueError(f"cannot resume from {where}: the base model at {now['path']} now holds "
                                  f"other weights than the run was trained on; restore that base or "
                                  f"choose another train.out_dir")
