@@ -40,7 +40,10 @@ from flax import nnx  # noqa: E402
 
 import jaxllm  # noqa: E402
 from jaxllm.interop import from_hf  # noqa: E402
+from jaxllm.parallel import set_speed_flags  # noqa: E402
 from jaxllm.sampling import generate  # noqa: E402
+
+set_speed_flags()  # the XLA:CPU flags the CLI sets (importing jaxllm sets nothing); before JAX starts
 
 PROMPT_LEN, NEW_TOKENS = 32, 128
 FLOOR_SLACK = 1.10      # target: batch-1 fp32 decode within 10% of the weight-read floor

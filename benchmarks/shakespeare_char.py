@@ -26,7 +26,7 @@ from jaxllm.configfile import load_config  # noqa: E402
 from jaxllm.parallel import setup_cpu  # noqa: E402
 from jaxllm.data import TokenDataset, prepare  # noqa: E402
 from jaxllm.training.perf import measure_matmul_peak  # noqa: E402
-from jaxllm.training.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from jaxllm.stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 VAL_LOSS_TARGET = 1.90      # the PyTorch reference reaches 1.898
 WALL_RATIO_TARGET = 0.7     # jaxllm wall time / PyTorch wall time

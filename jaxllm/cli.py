@@ -32,34 +32,14 @@ def _stage_config(cls, args):
     if args.resume:
         overrides.append("train.resume=true")
     config = load_config(cls, config_path, overrides)
-    saved = _saved_settings(config.train.out_dir, args.command) if config.train.resume else None
+    from jaxllm.runs import saved_settings
+
+    saved = saved_settings(config.train.out_dir, args.command) if config.train.resume else None
     if saved is not None:  # resuming: the run's own settings, then whatever is given now
         # the run lives where it was found now, wherever it was started (a copied or moved run)
         saved["train"] = {**saved.get("train", {}), "out_dir": str(config.train.out_dir)}
         config = load_config(cls, config_path, overrides, base=saved)
     return config
-
-
-def _saved_settings(out_dir, command: str) -> dict | None:
-    """The settings the run in `out_dir` was started with (its latest checkpoint's), if it is a run
-    of the same command (another stage's run is refused later, by the resume checks)."""
-    import pathlib
-
-    from jaxllm.training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
-
-    if not (pathlib.Path(out_dir) / CHECKPOINT_SUBDIR).is_dir():
-        return None
-    ckpt = Checkpointer(out_dir, create=False)
-    try:
-        meta = ckpt.read_meta() if ckpt.latest_step() is not None else {}
-        if meta.get("kind") != command or not isinstance(meta.get("config"), dict):
-            return None
-        saved = dict(meta["config"])
-        if meta.get("base"):  # a PEFT run: the base it was pinned to (absolute path, fixed step)
-            saved["init"] = {**saved.get("init", {}), "path": meta["base"]["path"], "step": meta["base"]["step"]}
-        return saved
-    finally:
-        ckpt.close()
 
 
 def _print_run(out, train, val_loss, sample) -> None:
@@ -72,7 +52,7 @@ def _print_run(out, train, val_loss, sample) -> None:
 
 
 def _cmd_pretrain(args) -> None:
-    from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+    from jaxllm.stages.pretrain import PretrainConfig, run_pretrain
 
     config = _stage_config(PretrainConfig, args)
     result = run_pretrain(config)
@@ -80,16 +60,17 @@ def _cmd_pretrain(args) -> None:
 
 
 def _cmd_lora(args) -> None:
-    from jaxllm.training.lora import LoraRunConfig, run_lora
+    from jaxllm.stages.finetune import FinetuneConfig, run_finetune
 
-    config = _stage_config(LoraRunConfig, args)
-    result = run_lora(config)
+    config = _stage_config(FinetuneConfig, args)
+    result = run_finetune(config)
     if result.val_loss_before is not None:
         print(f"\nval loss before tuning: {result.val_loss_before:.4f}")
     _print_run(config.train.out_dir, result.train, result.val_loss, result.sample)
-    if config.peft.method != "full":
+    if result.adapter_dir is not None:
         print(f"adapter: {result.adapter_dir}  (jaxllm.peft.load_adapter"
-              + ("; peft.PeftModel.from_pretrained" if config.peft.method == "lora" else "") + ")")
+              + ("; jaxllm.interop.load_peft; peft.PeftModel.from_pretrained" if config.peft.method == "lora"
+                 else "") + ")")
 
 
 def _cmd_sft(args) -> None:
@@ -107,14 +88,12 @@ def _cmd_sft(args) -> None:
 def _cmd_sample(args) -> None:
     import jax
     import numpy as np
-    from jaxllm.logits_processors import validate_strategy
-    from jaxllm.sampling import cut_at_eos, generate, stream
-    from jaxllm.training.checkpoint import load_checkpoint
+    from jaxllm.runs import load_checkpoint
+    from jaxllm.sampling import SamplingConfig, cut_at_eos, generate, stream
 
-    strategy = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty)
     try:
-        validate_strategy(**strategy)
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     except ValueError as e:  # name the flag, not the Python argument
         name = str(e).split()[0]
         raise ValueError(f"--{name.replace('_', '-')}{str(e)[len(name):]}") from None
@@ -134,13 +113,13 @@ def _cmd_sample(args) -> None:
             print(tok.decode(prompt), end="", flush=True)
             # sample 0 uses the seed's key as is: the same text as without --stream
             key_i = key if i == 0 else jax.random.fold_in(key, i)
-            for piece in stream(model, tok, prompt, args.max_new_tokens, key=key_i, **strategy):
+            for piece in stream(model, tok, prompt, args.max_new_tokens, sampling, key=key_i):
                 print(piece, end="", flush=True)
             print()
         return
     # all samples in one batched call; each row draws its own randomness
-    out = generate(model, np.asarray([prompt] * args.num_samples), args.max_new_tokens, eos_id=tok.eos_id,
-                   key=key, **strategy)
+    out = generate(model, np.asarray([prompt] * args.num_samples), args.max_new_tokens, sampling,
+                   eos_id=tok.eos_id, key=key)
     for i, row in enumerate(np.asarray(out)):
         new = cut_at_eos(row[len(prompt):], tok.eos_id)  # the rest is padding
         if args.num_samples > 1:
@@ -149,7 +128,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_export_hf(args) -> None:
-    from jaxllm.interop import checkpoint_to_hf
+    from jaxllm.runs import checkpoint_to_hf
 
     try:
         out = checkpoint_to_hf(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)

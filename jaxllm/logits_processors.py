@@ -96,6 +96,62 @@ def _check(name: str, value, ok: bool, want: str):
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """A decoding strategy: the one set of settings `generate`, `stream`, `self_consistency` and the
+    `sample` sections of the stages share. Off values: temperature 1, top_k 0, top_p 1.0, min_p 0,
+    repetition_penalty 1.0; temperature 0 is greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        validate_strategy(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+    @classmethod
+    def build(cls, sampling: "SamplingConfig | None" = None, **strategy) -> "SamplingConfig":
+        """`sampling` (default: all off) with any of its fields replaced by keyword."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(strategy) - set(names))
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {', '.join(names)}")
+        base = sampling if sampling is not None else cls()
+        if not isinstance(base, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
+        return dataclasses.replace(base, **strategy) if strategy else base
+
+    def strategy(self) -> dict:
+        """The five settings as keywords (of SamplingConfig itself, not of a subclass)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def processors(self) -> tuple:
+        """The processors for these settings, in HF's order, leaving out the ones that are off.
+
+        With temperature 0 (greedy) only the repetition penalty is kept: the warpers cannot change
+        the argmax."""
+        procs = []
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenalty(float(self.repetition_penalty)))
+        if self.greedy:
+            return tuple(procs)
+        if self.temperature != 1.0:
+            procs.append(Temperature(float(self.temperature)))
+        if self.top_k > 0:
+            procs.append(TopK(int(self.top_k)))
+        if self.top_p < 1.0:
+            procs.append(TopP(float(self.top_p)))
+        if self.min_p > 0.0:
+            procs.append(MinP(float(self.min_p)))
+        return tuple(procs)
+
+
 def validate_strategy(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0) -> None:
     _check("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
            and temperature >= 0, "a finite number >= 0 (0 = greedy)")
@@ -109,25 +165,8 @@ def validate_strategy(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition
 
 def build_processors(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                      repetition_penalty: float = 1.0) -> tuple:
-    """The processors for these settings, in HF's order, leaving out the ones that are off.
-
-    With temperature 0 (greedy) only the repetition penalty is kept: the warpers cannot change the
-    argmax."""
-    validate_strategy(temperature, top_k, top_p, min_p, repetition_penalty)
-    procs = []
-    if repetition_penalty != 1.0:
-        procs.append(RepetitionPenalty(float(repetition_penalty)))
-    if temperature == 0:
-        return tuple(procs)
-    if temperature != 1.0:
-        procs.append(Temperature(float(temperature)))
-    if top_k > 0:
-        procs.append(TopK(int(top_k)))
-    if top_p < 1.0:
-        procs.append(TopP(float(top_p)))
-    if min_p > 0.0:
-        procs.append(MinP(float(min_p)))
-    return tuple(procs)
+    """`SamplingConfig(...).processors()` for keyword settings."""
+    return SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).processors()
 
 
 def needs_seen(processors) -> bool:
@@ -168,7 +207,7 @@ def sample_with_strategy(logits, strategy: str, key: jax.Array | None = None, *,
         temperature = 0.0
     elif temperature == 0:
         raise ValueError(f"strategy {strategy!r} samples: give temperature > 0, or use strategy 'greedy'")
-    processors = build_processors(temperature, top_k, top_p, min_p, repetition_penalty)
+    processors = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).processors()
     logits = jnp.asarray(logits)
     squeeze = logits.ndim == 1
     logits_BV = logits[None] if squeeze else logits

@@ -2,8 +2,9 @@
 
 The same code serves several GPUs and a plain CPU. On CPU, XLA's intra-op threading keeps a
 second core only partly busy on small models; presenting every core as its own device
-(`setup_cpu()`, before JAX starts) and splitting each batch across them keeps all cores busy:
-the 4-layer, 128-wide nanoGPT recipe went from ~83 to ~57 ms per step on 2 cores.
+(`setup_cpu()`, before JAX starts) and splitting each batch across them keeps all cores busy
+(measured in benchmarks/RESULTS.md). Nothing here runs on import: the CLI calls `setup_cpu()`,
+and library users call it themselves if they want it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
-# Turning XLA:CPU's experimental YNNPACK fusions off made training steps 5-15% faster on the AVX2
-# CPUs we measured, and decoding GPT-2 with 8 rows ~15% faster (its dots with few rows ran on one
-# thread). XLA aborts on flags it does not know, so it is only set on the jaxlib versions
-# it was measured with.
+# Turning XLA:CPU's experimental YNNPACK fusions off made training and decoding faster on the CPUs
+# measured (benchmarks/RESULTS.md). XLA aborts on flags it does not know, so the flag is only set
+# on the jaxlib versions it was measured with.
 _CPU_SPEED_FLAGS = {"0.10.2": ("--xla_cpu_experimental_ynn_fusion_type=",)}
 
 
@@ -38,25 +38,24 @@ def cpu_core_count() -> int:
         return os.cpu_count() or 1
 
 
-def setup_cpu(devices: int | None = None) -> bool:
-    """Expose `devices` CPU devices (default: one per core) and set the measured speed flags.
+def setup_cpu(devices: int | None = None, speed_flags: bool = True) -> bool:
+    """Expose `devices` CPU devices (default: one per core) and, with `speed_flags`, the measured
+    XLA:CPU speed flags, by adding to the XLA_FLAGS environment variable.
 
     Call before the first JAX computation; XLA reads its flags once, when the backend starts.
-    Settings already in XLA_FLAGS win. Returns False (and changes nothing) if JAX has started.
-    """
+    Settings already in XLA_FLAGS win. Returns False (and changes nothing) if JAX has started."""
     if _backend_started():
         return False
     flags = os.environ.get("XLA_FLAGS", "").split()
     if not any(f.startswith("--xla_force_host_platform_device_count") for f in flags):
         flags.append(f"--xla_force_host_platform_device_count={devices or cpu_core_count()}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
-    return set_speed_flags()
+    return set_speed_flags() if speed_flags else True
 
 
 def set_speed_flags() -> bool:
     """Add the measured XLA:CPU speed flags to XLA_FLAGS, unless JAX has started or the user set
-    them. `import jaxllm` calls this, so library use runs as fast as the CLI. Returns False (and
-    changes nothing) if JAX has started."""
+    them. Returns False (and changes nothing) if JAX has started."""
     if _backend_started():
         return False
     flags = os.environ.get("XLA_FLAGS", "").split()
@@ -70,19 +69,21 @@ def set_speed_flags() -> bool:
 
 
 # Data parallelism on CPU devices repeats the optimizer update on every device and all-reduces the
-# gradients through memory: worth it for small models, not for large ones. Measured on 2 cores:
-# 0.8M parameters (nanoGPT's CPU recipe) 83 -> 57 ms/step on 2 devices, 10.7M (6 layers, 384 wide,
-# block 256, batch 8) 1.73 -> 1.77 s, GPT-2's 124M 4.8 -> 6.4 s (and twice the memory). So the
-# automatic choice on CPU keeps one device above this many trainable parameters.
+# gradients through memory: worth it for small models, not for large ones (benchmarks/RESULTS.md,
+# "Training step against PyTorch"). So the automatic choice on CPU keeps one device above this many
+# trained parameters.
 CPU_DATA_PARALLEL_MAX_PARAMS = 30_000_000
 
 
-def data_mesh(batch_size: int, devices: int = 0, trainable_params: int | None = None) -> Mesh | None:
-    """A mesh over the devices that split `batch_size` rows evenly, or None for one device.
+def data_mesh(batch_size: int, devices: int = 0, trainable_params: int | None = None,
+              can_pad: bool = False) -> Mesh | None:
+    """A mesh over the devices that share `batch_size` rows, or None for one device.
 
-    devices=0 picks the largest count of local devices that divides the batch (on CPU: one device
-    when more than CPU_DATA_PARALLEL_MAX_PARAMS parameters are trained); a positive count is used
-    as given (and must divide it).
+    devices=0 (automatic) uses every local device, up to one per row, when the caller can pad the
+    batch to a multiple of the device count with rows that weigh nothing (`can_pad`, see
+    `pad_rows`); otherwise the largest count that divides the batch. On CPU it keeps one device
+    when more than CPU_DATA_PARALLEL_MAX_PARAMS parameters are trained. A positive count is used
+    as given (and must divide the batch unless `can_pad`).
     """
     available = jax.local_devices()
     if devices < 0:
@@ -93,16 +94,40 @@ def data_mesh(batch_size: int, devices: int = 0, trainable_params: int | None = 
             "on CPU, run through the jaxllm CLI (which exposes one device per core) or call "
             "jaxllm.parallel.setup_cpu() before using JAX")
     if devices == 0:
-        devices = max(n for n in range(1, len(available) + 1) if batch_size % n == 0)
+        if can_pad:
+            devices = min(len(available), batch_size)
+        else:
+            devices = max(n for n in range(1, len(available) + 1) if batch_size % n == 0)
         if (available[0].platform == "cpu" and trainable_params is not None
                 and trainable_params > CPU_DATA_PARALLEL_MAX_PARAMS):
             devices = 1
-    elif batch_size % devices:
+    elif batch_size % devices and not can_pad:
         raise ValueError(f"train.batch_size={batch_size} does not split evenly over "
                          f"train.devices={devices}; choose a batch size divisible by it")
     if devices == 1:
         return None
     return Mesh(np.array(available[:devices]), (DATA_AXIS,))
+
+
+def padded_rows(batch_size: int, mesh: Mesh | None) -> int:
+    """Rows a batch of `batch_size` takes on `mesh`: the next multiple of its device count."""
+    n = 1 if mesh is None else mesh.size
+    return -(-batch_size // n) * n
+
+
+def pad_rows(batch, rows: int, fill, axis: int = 0):
+    """`batch` with `axis` grown to `rows` by rows filled with `fill` (a pytree of scalars shaped
+    like `batch`): the fill values are chosen by the stage so that those rows weigh nothing in its
+    loss (e.g. labels of -100)."""
+    def pad(leaf, value):
+        leaf = np.asarray(leaf)
+        extra = rows - leaf.shape[axis]
+        if extra <= 0:
+            return leaf
+        shape = list(leaf.shape)
+        shape[axis] = extra
+        return np.concatenate([leaf, np.full(shape, value, leaf.dtype)], axis=axis)
+    return jax.tree.map(pad, batch, fill)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.logits_processors import (apply_processors, build_processors, needs_seen, sample_with_strategy,
-                                      seen_from_tokens)
+from jaxllm.logits_processors import SamplingConfig, apply_processors, needs_seen, sample_with_strategy
 
-__all__ = ["cut_at_eos", "decode_stream", "generate", "generate_chunks", "prepare_prompts", "sample_with_strategy", "stream"]
+__all__ = ["SamplingConfig", "cut_at_eos", "decode_stream", "generate", "generate_chunks", "prepare_prompts",
+           "sample_with_strategy", "stream"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _choose(plan: _Plan, logits_BV, st: dict):
     return st
 
 
-def _prefill(model, plan: _Plan, prompt_BP, real_BP, key, settings) -> dict:
+def _prefill(model, plan: _Plan, prompt_BP, real_BP, key, settings, seen_BV) -> dict:
     B, P = prompt_BP.shape
     cache = model.init_cache(B, P + max(plan.n_cached - 1, 0))
     h_BPD, cache = model.features(prompt_BP, attention_mask=real_BP, cache=cache)
@@ -91,8 +92,7 @@ def _prefill(model, plan: _Plan, prompt_BP, real_BP, key, settings) -> dict:
         logp=jnp.zeros((B, plan.max_new_tokens), jnp.float32),
         done=jnp.zeros((B,), bool), i=jnp.zeros((), jnp.int32), key=key,
         pad_B=(P - jnp.sum(real_BP, axis=1)).astype(jnp.int32),
-        seen=(seen_from_tokens(prompt_BP, plan.vocab_size, real_BP)
-              if needs_seen(settings["processors"] + plan.custom) else None),
+        seen=seen_BV,
         settings=settings, cache=cache)
     return _choose(plan, logits_BV, st)
 
@@ -132,16 +132,17 @@ def _decode(model, plan: _Plan, st: dict, stop) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _generate_jit(graphdef, state, prompt_BP, real_BP, key, settings, *, plan):
+def _generate_jit(graphdef, state, prompt_BP, real_BP, key, settings, seen_BV, *, plan):
     model = nnx.merge(graphdef, state)
-    st = _decode(model, plan, _prefill(model, plan, prompt_BP, real_BP, key, settings), plan.max_new_tokens)
+    st = _decode(model, plan, _prefill(model, plan, prompt_BP, real_BP, key, settings, seen_BV),
+                 plan.max_new_tokens)
     return st["buf"], st["logp"]
 
 
 # Streaming runs the same prefill and steps, in chunks; the non-streaming path above is untouched.
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _prefill_jit(graphdef, state, prompt_BP, real_BP, key, settings, *, plan):
-    return _prefill(nnx.merge(graphdef, state), plan, prompt_BP, real_BP, key, settings)
+def _prefill_jit(graphdef, state, prompt_BP, real_BP, key, settings, seen_BV, *, plan):
+    return _prefill(nnx.merge(graphdef, state), plan, prompt_BP, real_BP, key, settings, seen_BV)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("st",))
@@ -206,8 +207,18 @@ def cut_at_eos(ids, eos_id: int | None) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
-def _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, top_p, min_p,
-           repetition_penalty, eos_id, pad_id, logits_processors):
+class _Prepared(NamedTuple):
+    plan: _Plan
+    settings: dict        # built-in processors, eos id (-1: none), pad id: arguments of the compiled loop
+    tokens: np.ndarray    # (B, P) left-padded prompts, cropped to the block
+    real: np.ndarray      # (B, P) bool
+    seen: np.ndarray | None  # (B, V) tokens of the WHOLE prompt, for the repetition penalty
+    squeeze: bool
+    full: np.ndarray      # (B, P_full) the uncropped prompts
+
+
+def _setup(model, prompt_ids, max_new_tokens, prompt_mask, sampling: SamplingConfig, eos_id, pad_id,
+           logits_processors) -> _Prepared:
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -215,73 +226,80 @@ def _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, t
         if value is not None and not 0 <= int(value) < cfg.vocab_size:
             raise ValueError(f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size})")
     pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
-    processors = build_processors(temperature, top_k, top_p, min_p, repetition_penalty)
+    processors = sampling.processors()
     for proc in logits_processors:
         try:
             hash(proc)
         except TypeError:
             raise ValueError(f"logits processor {proc!r} must be hashable (e.g. a frozen dataclass): "
                              f"it is a static setting of the compiled loop") from None
-    full, real, squeeze = prepare_prompts(prompt_ids, None, pad, prompt_mask)
+    full, real_full, squeeze = prepare_prompts(prompt_ids, None, pad, prompt_mask)
     if int(full.max(initial=0)) >= cfg.vocab_size or int(full.min(initial=0)) < 0:
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size}); got {full.min()}..{full.max()}")
-    tokens, real = full[:, -cfg.block_size:], real[:, -cfg.block_size:]  # crop from the left
-    plan = _plan(model, tokens.shape[1], int(max_new_tokens), temperature == 0, logits_processors)
+    seen = None
+    if needs_seen(processors + tuple(logits_processors)):
+        # as transformers does: every prompt token counts, also those cropped off to fit the block
+        seen = np.zeros((full.shape[0], cfg.vocab_size), bool)
+        rows, cols = np.nonzero(real_full)
+        seen[rows, full[rows, cols]] = True
+    tokens, real = full[:, -cfg.block_size:], real_full[:, -cfg.block_size:]  # crop from the left
+    plan = _plan(model, tokens.shape[1], int(max_new_tokens), sampling.greedy, logits_processors)
     settings = dict(processors=processors, eos=np.int32(-1 if eos_id is None else eos_id), pad=np.int32(pad))
-    return plan, settings, tokens, real, squeeze, full
+    return _Prepared(plan, settings, tokens, real, seen, squeeze, full)
 
 
-def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
              eos_id: int | None = None, pad_id: int | None = None, key: jax.Array | None = None,
-             return_logprobs: bool = False, prompt_mask=None, logits_processors=()):
+             return_logprobs: bool = False, prompt_mask=None, logits_processors=(), **strategy):
     """Continue prompts; returns ids (B, P + max_new_tokens), or (P + max_new_tokens,) for a 1-D prompt.
 
     `prompt_ids`: (P,), (B, P) (with `prompt_mask` if left-padded) or a list of int lists (left-padded
     here with `pad_id`). The output holds the whole prompt (uncropped, padded) then the new tokens.
-    Strategies as in transformers: temperature (0 = greedy), top_k (0 = off), top_p (1.0 = off),
-    min_p (0 = off), repetition_penalty (1.0 = off; counts prompt and generated tokens, not padding),
-    plus any hashable `logits_processors` `(logits_BV, seen_BV) -> logits_BV`, applied last (they
-    are static settings of the compiled loop: a new one compiles it again).
+    The strategy is a `SamplingConfig` and/or its fields as keywords (which win), as in
+    transformers: temperature (0 = greedy), top_k (0 = off), top_p (1.0 = off), min_p (0 = off),
+    repetition_penalty (1.0 = off; counts prompt and generated tokens, not padding); plus any
+    hashable `logits_processors` `(logits_BV, seen_BV) -> logits_BV`, applied last (they are static
+    settings of the compiled loop: a new one compiles it again).
     After a row emits `eos_id` it emits `pad_id` (default: eos_id, else 0); the loop stops when
     every row has. With `return_logprobs`, returns (ids, logprobs (B, max_new_tokens)): the raw
     model log-probability of each new token (0 after EOS).
     """
-    plan, settings, tokens, real, squeeze, full = _setup(
-        model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k, top_p, min_p,
-        repetition_penalty, eos_id, pad_id, logits_processors)
-    if plan.max_new_tokens == 0:
+    prep = _setup(model, prompt_ids, max_new_tokens, prompt_mask, SamplingConfig.build(sampling, **strategy),
+                  eos_id, pad_id, logits_processors)
+    full = prep.full
+    if prep.plan.max_new_tokens == 0:
         out, logp = full, np.zeros((full.shape[0], 0), np.float32)
     else:
         graphdef, state = nnx.split(model)
-        buf, logp = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(real),
-                                  jax.random.key(0) if key is None else key, settings, plan=plan)
+        buf, logp = _generate_jit(graphdef, state, jnp.asarray(prep.tokens), jnp.asarray(prep.real),
+                                  jax.random.key(0) if key is None else key, prep.settings, prep.seen,
+                                  plan=prep.plan)
         # in numpy: eager jnp ops would each compile a small program on first use
-        out = np.concatenate([full, np.asarray(buf)[:, tokens.shape[1]:]], axis=1)
+        out = np.concatenate([full, np.asarray(buf)[:, prep.tokens.shape[1]:]], axis=1)
         logp = np.asarray(logp)
-    if squeeze:
+    if prep.squeeze:
         out, logp = out[0], logp[0]
     out, logp = jnp.asarray(out), jnp.asarray(logp)
     return (out, logp) if return_logprobs else out
 
 
-def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, *, chunk_size: int = 8,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                    repetition_penalty: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
-                    key: jax.Array | None = None, prompt_mask=None, logits_processors=()):
+def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: SamplingConfig | None = None,
+                    *, chunk_size: int = 8, eos_id: int | None = None, pad_id: int | None = None,
+                    key: jax.Array | None = None, prompt_mask=None, logits_processors=(), **strategy):
     """Like `generate` (same arguments), but yields the new tokens as numpy (B, n) blocks,
     `chunk_size` steps per compiled call; the first block comes from the prefill alone. Stops
     after every row's EOS."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    plan, settings, tokens, real, _, _ = _setup(model, prompt_ids, max_new_tokens, prompt_mask, temperature, top_k,
-                                             top_p, min_p, repetition_penalty, eos_id, pad_id, logits_processors)
+    prep = _setup(model, prompt_ids, max_new_tokens, prompt_mask, SamplingConfig.build(sampling, **strategy),
+                  eos_id, pad_id, logits_processors)
+    plan = prep.plan
     if plan.max_new_tokens == 0:
         return
     graphdef, state = nnx.split(model)
-    P = tokens.shape[1]
-    st = _prefill_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(real),
-                      jax.random.key(0) if key is None else key, settings, plan=plan)
+    P = prep.tokens.shape[1]
+    st = _prefill_jit(graphdef, state, jnp.asarray(prep.tokens), jnp.asarray(prep.real),
+                      jax.random.key(0) if key is None else key, prep.settings, prep.seen, plan=plan)
     emitted = 0
     while True:
         buf, i, done = np.asarray(st["buf"]), int(st["i"]), bool(np.asarray(st["done"]).all())
@@ -321,23 +339,23 @@ def decode_stream(tokenizer, id_chunks, context: int = 4):
         yield text[len(emitted):]
 
 
-def stream(model: nnx.Module, tokenizer, prompt, max_new_tokens: int = 256, *, chunk_size: int = 8,
-           stop_at_eos: bool = True, key: jax.Array | None = None, **strategy):
+def stream(model: nnx.Module, tokenizer, prompt, max_new_tokens: int = 256,
+           sampling: SamplingConfig | None = None, *, chunk_size: int = 8, stop_at_eos: bool = True,
+           key: jax.Array | None = None, logits_processors=(), **strategy):
     """Yield the continuation of one prompt (text or ids) as text, as tokens arrive.
 
     Runs the compiled prefill once, then `chunk_size` decode steps per compiled call (the same
     steps as `generate`, so with the same key the text is generate's). Pieces never split a UTF-8
     character (see `decode_stream`). With `stop_at_eos`, tokenizer.eos_id ends the stream and is
-    not yielded. `strategy`: temperature, top_k, top_p, min_p, repetition_penalty,
-    logits_processors, as for generate."""
+    not yielded. The strategy (`sampling` and/or its fields as keywords) is generate's."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt).reshape(-1).tolist()
     if not ids:
         raise ValueError("the prompt is empty; give at least one token (e.g. a newline or EOS)")
     eos_id = tokenizer.eos_id if stop_at_eos else None
 
     def until_eos():
-        for block_1n in generate_chunks(model, [ids], max_new_tokens, chunk_size=chunk_size, key=key,
-                                        eos_id=eos_id, **strategy):
+        for block_1n in generate_chunks(model, [ids], max_new_tokens, sampling, chunk_size=chunk_size, key=key,
+                                        eos_id=eos_id, logits_processors=logits_processors, **strategy):
             row = cut_at_eos(block_1n[0], eos_id)
             yield row
             if len(row) < block_1n.shape[1]:  # EOS was in this block

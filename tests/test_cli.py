@@ -104,7 +104,7 @@ def test_export_hf_command_writes_a_directory_that_loads_back_with_the_same_logi
     import numpy as np
 
     from jaxllm.interop import from_hf
-    from jaxllm.training.checkpoint import load_checkpoint
+    from jaxllm.runs import load_checkpoint
 
     root, _ = pretrained
     rc, out, err = run_main(["export-hf", "--ckpt", root / "run", "--out", tmp_path / "hf"])

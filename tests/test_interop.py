@@ -23,7 +23,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from safetensors.torch import save_file as save_torch_file  # noqa: E402
 
 import jaxllm  # noqa: E402
-from jaxllm.interop import HFCheckpointError, checkpoint_to_hf, from_hf, to_hf  # noqa: E402
+from jaxllm.interop import HFCheckpointError, from_hf, to_hf  # noqa: E402
+from jaxllm.runs import checkpoint_to_hf  # noqa: E402
 from jaxllm.interop.hf import hf_tensor_specs, model_from_hf_state, model_to_hf_state  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package

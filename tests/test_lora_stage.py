@@ -13,9 +13,10 @@ from flax import nnx
 from helpers import run_main
 from jaxllm import peft
 from jaxllm.configfile import load_config
-from jaxllm.training.checkpoint import Checkpointer, load_checkpoint
-from jaxllm.training.lora import LoraRunConfig, run_lora
-from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+from jaxllm.runs import load_checkpoint
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.stages.finetune import FinetuneConfig, run_finetune
+from jaxllm.stages.pretrain import PretrainConfig, run_pretrain
 
 
 def _tune(root, base, *extra):
@@ -25,7 +26,7 @@ def _tune(root, base, *extra):
                  "train.peak_flops=1e11", "data.eval_batch_size=8", "data.eval_batches=2",
                  "optim.learning_rate=3e-2", "optim.warmup_iters=0", "optim.lr_decay_iters=8",
                  "sample.max_new_tokens=4", *extra]
-    return run_lora(load_config(LoraRunConfig, None, overrides))
+    return run_finetune(load_config(FinetuneConfig, None, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_lora_cli_tunes_samples_and_exports_a_merged_hf_model(base, tmp_path):
 
 
 def test_lora_tunes_a_hugging_face_directory_with_its_own_tokenizer(base, tmp_path):
-    from jaxllm.interop import checkpoint_to_hf
+    from jaxllm.runs import checkpoint_to_hf
 
     run, corpus = base
     hf_dir = checkpoint_to_hf(run, tmp_path / "hf")   # config.json + model.safetensors + tokenizer files
@@ -157,7 +158,7 @@ def test_a_base_whose_weights_changed_is_refused_on_load_and_resume(base, tmp_pa
     """Same path, same config, other weights (a base re-exported or overwritten): the PEFT run's
     fingerprint of its base tells, so the LoRA is never put onto weights it was not trained on."""
     import safetensors.numpy
-    from jaxllm.interop import checkpoint_to_hf
+    from jaxllm.runs import checkpoint_to_hf
 
     run, corpus = base
     hf_dir = checkpoint_to_hf(run, tmp_path / "hf")

@@ -105,7 +105,8 @@ def test_setup_cpu_exposes_one_device_per_core_in_a_fresh_process():
 def test_checkpoint_saved_from_a_mesh_loads_onto_one_device(tmp_path):
     from flax import nnx
 
-    from jaxllm.training.checkpoint import Checkpointer, load_checkpoint
+    from jaxllm.runs import load_checkpoint
+    from jaxllm.training.checkpoint import Checkpointer
     model = GPT(TINY, rngs=nnx.Rngs(0))
     mesh = parallel.data_mesh(8, 4)
     state = jax.device_put(nnx.state(model), parallel.replicated(mesh))
@@ -119,21 +120,24 @@ def test_checkpoint_saved_from_a_mesh_loads_onto_one_device(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_import_sets_the_measured_cpu_flags_and_flags_set_by_the_user_win():
+def test_import_leaves_the_environment_alone_and_setup_cpu_adds_flags_the_user_did_not_set():
     import jaxlib
-    code = "import os, jaxllm; print(os.environ.get('XLA_FLAGS', ''))"
+    code = ("import os, sys, json; before = dict(os.environ); import jaxllm, jaxllm.cli, jaxllm.stages.pretrain; "
+            "assert dict(os.environ) == before, 'import changed the environment'; "
+            "from jaxllm import parallel; parallel.setup_cpu(int(sys.argv[1])); print(os.environ.get('XLA_FLAGS', ''))")
 
-    def flags_after_import(user_flags):
+    def flags_after_setup(user_flags, devices=3):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         if user_flags is not None:
             env["XLA_FLAGS"] = user_flags
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", code, str(devices)], capture_output=True, text=True, env=env,
+                              timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.split()
 
-    expected = list(parallel._CPU_SPEED_FLAGS.get(jaxlib.__version__, ()))
-    assert flags_after_import(None) == expected
+    expected = ["--xla_force_host_platform_device_count=3", *parallel._CPU_SPEED_FLAGS.get(jaxlib.__version__, ())]
+    assert flags_after_setup(None) == expected
     mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_cpu_enable_fast_math=false"
-    got = flags_after_import(mine)
+    got = flags_after_setup(mine)
     assert got[:2] == mine.split()  # the user's value of the same flag is kept, not overridden
     assert [f for f in got if f.startswith("--xla_cpu_experimental_ynn_fusion_type")] == mine.split()[:1]

@@ -13,11 +13,12 @@ from jaxllm.config import GPTConfig
 from jaxllm.configfile import load_config
 from jaxllm.losses import cross_entropy_sum
 from jaxllm.model import GPT
-from jaxllm.training.checkpoint import Checkpointer, load_checkpoint
+from jaxllm.runs import load_checkpoint
+from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopConfig, NonFiniteLossError, train_loop
 from jaxllm.training.metrics import read_metrics
 from jaxllm.training.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
-from jaxllm.training.pretrain import PretrainConfig, run_pretrain
+from jaxllm.stages.pretrain import PretrainConfig, run_pretrain
 from jaxllm.training.step import init_train_state, lm_loss_fn, make_train_step
 
 TINY = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -190,13 +191,13 @@ def test_loop_stops_on_nan_naming_the_step_and_keeps_last_good_checkpoint(tmp_pa
 
 
 def test_resume_check_reads_old_model_configs_with_defaults_for_fields_added_since():
-    from jaxllm.training.loop import _check_resume_compatible
+    from jaxllm.training.loop import _check_model_config
     old = {k: v for k, v in TINY.to_dict().items() if k != "activation"}   # saved before the field existed
-    _check_resume_compatible({"model": old}, {"model": TINY.to_dict()}, "run")
+    _check_model_config({"model": old}, {"model": TINY.to_dict()}, "run")
     with pytest.raises(ValueError, match="model config"):
-        _check_resume_compatible({"model": old}, {"model": TINY.replace(n_layer=3).to_dict()}, "run")
+        _check_model_config({"model": old}, {"model": TINY.replace(n_layer=3).to_dict()}, "run")
     with pytest.raises(ValueError, match="model config"):
-        _check_resume_compatible({"model": old}, {"model": TINY.replace(activation="gelu").to_dict()}, "run")
+        _check_model_config({"model": old}, {"model": TINY.replace(activation="gelu").to_dict()}, "run")
 
 
 def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(tmp_path, capsys):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import typing
 
 import jax
@@ -26,16 +25,15 @@ from jaxllm.configfile import to_dict
 from jaxllm.data.instruct import InstructDataError, example_spans, load_instruct, tokenize_records
 from jaxllm.data.packing import Rows, model_inputs
 from jaxllm.data.synthetic import TASKS, TaskSettings, exact_match, make_splits, task_tokenizer
-from jaxllm.losses import cross_entropy_sum
+from jaxllm.losses import IGNORE_INDEX, cross_entropy_sum
 from jaxllm.model import GPT, count_params
-from jaxllm.peft import format_report, parameter_report
+from jaxllm.peft import PeftSection, apply_method, format_report, parameter_report
+from jaxllm.runs import check_resume, load_base, peft_run_meta
+from jaxllm.stages.sections import InitConfig, ModelSection, resolve_model_config
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.training.finetune import PeftSection, apply_method, evaluate_model, load_base, peft_run_meta
-from jaxllm.training.lora import InitConfig
 from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
 from jaxllm.training.optim import OptimConfig
-from jaxllm.training.pretrain import ModelSection, resolve_model_config
-from jaxllm.training.step import make_eval_step
+from jaxllm.training.step import evaluate_model, make_eval_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +66,7 @@ class SFTEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    init: InitConfig = dataclasses.field(default_factory=lambda: InitConfig(path=None))
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
     model: ModelSection = dataclasses.field(default_factory=lambda: ModelSection(
         preset="cpu-small", block_size=128, dropout=0.0))     # from scratch only
     peft: PeftSection = dataclasses.field(default_factory=lambda: PeftSection(method="full"))
@@ -199,11 +197,6 @@ def run_sft(config: SFTConfig) -> SFTResult:
           f"{len(val_ds.examples):,} held out")
     print(f"model: {count_params(model):,} parameters; method: {config.peft.method}; {format_report(report)}")
 
-    def save_tokenizer():
-        dst = pathlib.Path(loop.out_dir) / "tokenizer"
-        if not dst.exists():
-            tok.save(dst)
-
     peft_meta = peft_run_meta(model, trainable, config.init)
     meta = {"kind": "sft", "model": cfg.to_dict(), "config": to_dict(config),
             "data": {"source": source, "eos_id": train_ds.eos_id, "pad_id": train_ds.pad_id}, **peft_meta}
@@ -214,8 +207,9 @@ def run_sft(config: SFTConfig) -> SFTResult:
     result = train_loop(model, sft_loss_fn, _rows_batch_fn(train_rows, loop.seed, loop.batch_size, loop.grad_accum),
                         optim=config.optim, loop=loop, meta=meta, make_eval=make_eval, trainable=trainable,
                         tokens_per_step=loop.batch_size * loop.grad_accum * T,
-                        flops_per_token=cfg.flops_per_token(T), on_start=save_tokenizer,
-                        checkpoint_frozen=not peft_meta)
+                        flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
+                        check_resume=lambda saved, where: check_resume(saved, meta, where),
+                        pad_values=Rows(train_ds.pad_id, IGNORE_INDEX, 0, 0))
     after = result.evals[max(result.evals)] if result.evals else {}
     print("after:  " + _describe(after))
     return SFTResult(result, before, after, fill, cfg)

@@ -43,6 +43,15 @@ def _resolve_tokenizer(tokenizer, text: str, vocab_size: int | None) -> Tokenize
     return load_tokenizer(tokenizer)
 
 
+def prepare_settings(source: Source, tokenizer, vocab_size: int | None, val_fraction: float,
+                     text_key: str | None) -> dict:
+    """The request a dataset is prepared from, as `prepare` records it in meta.json["settings"]."""
+    return {"source": describe_source(source),
+            "tokenizer": tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "kind", str(tokenizer)),
+            "vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "val_fraction": val_fraction, "text_key": text_key}
+
+
 def prepare(
     source: Source,
     out_dir,
@@ -101,6 +110,8 @@ def prepare(
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # what was asked for, so a cached dataset is reused only for the same request
+        "settings": prepare_settings(source, tokenizer, vocab_size, val_fraction, text_key),
     }
 
     # Everything is written into a hidden sibling and renamed at the end, so out_dir is

@@ -8,7 +8,8 @@ transposed between HF and jaxllm; PyTorch's `nn.Linear` holds the transpose, whi
 
     model, cfg = from_hf("gpt2_dir")                # config.json + model.safetensors / pytorch_model.bin
     to_hf(model, cfg, "out_dir", tokenizer=tok)     # loads with transformers.AutoModelForCausalLM
-    checkpoint_to_hf("runs/x", "out_dir")           # a jaxllm training run -> HF directory
+
+(A training run is exported by `jaxllm.runs.checkpoint_to_hf`, which rebuilds the run's model first.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxllm.config import GPTConfig
 from jaxllm.fileio import new_dir
 from jaxllm.interop.hf_files import HFCheckpointError, find_weights, open_weights
 from jaxllm.model import GPT
+from jaxllm.peft.common import peft_modules
 
 HF_PREFIX = "transformer."
 CONFIG_FILE = "config.json"
@@ -267,8 +269,6 @@ def from_hf(path, **overrides) -> tuple[GPT, GPTConfig]:
 
 def check_plain_gpt(model: GPT) -> None:
     """A GPT-2 checkpoint holds no LoRA, adapter or prefix: refuse a tuned model that would lose them."""
-    from jaxllm.peft.common import peft_modules
-
     live = [".".join(map(str, p)) for p, m in peft_modules(model) if m.enabled and not getattr(m, "merged", False)]
     if live:
         raise ValueError(
@@ -298,14 +298,3 @@ def to_hf(model: GPT, cfg: GPTConfig | None, out_dir, *, tokenizer=None, overwri
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(out_dir).expanduser().absolute()
-
-
-def checkpoint_to_hf(run_dir, out_dir, *, step: int | None = None, overwrite: bool = False) -> Path:
-    """Export a jaxllm training run's checkpoint (latest, or `step`) with its tokenizer to an HF directory."""
-    from jaxllm.training.checkpoint import load_checkpoint
-
-    from jaxllm.peft import merge
-
-    model, cfg, tokenizer, _ = load_checkpoint(run_dir, step)
-    merge(model, unload=True)  # a LoRA run exports as one plain GPT-2; adapters/prefix are refused
-    return to_hf(model, cfg, out_dir, tokenizer=tokenizer, overwrite=overwrite)

@@ -1,10 +1,10 @@
-"""Adapter files: only the trainable tree and the configs that rebuild it, next to no base weights.
+"""jaxllm's adapter files: only the trainable tree and the configs that rebuild it, no base weights.
 
-    save_adapter(model, "out")      # out/adapter.json + out/adapter.safetensors (+ PEFT files for LoRA)
+    save_adapter(model, "out")      # out/adapter.json + out/adapter.safetensors
     load_adapter(model, "out")      # adds the same LoRA/adapters/prefix to a base model, fills them
 
-A LoRA-only model also gets PEFT's own files in the same directory (see jaxllm.interop.peft), so
-`peft.PeftModel.from_pretrained(hf_gpt2, "out")` reads it; `load_adapter` reads either format.
+Hugging Face PEFT's file format for LoRA is an interop concern: `jaxllm.interop.save_peft` /
+`load_peft` write and read it (the `jaxllm lora` stage writes both formats into one directory).
 """
 
 from __future__ import annotations
@@ -82,21 +82,23 @@ def _state_dict(model) -> dict[str, np.ndarray]:
             for path, v in nnx.to_flat_state(nnx.state(model, PeftParam))}
 
 
-def save_adapter(model: nnx.Module, out_dir, *, overwrite: bool = False, base: str | None = None) -> Path:
-    """Write the model's LoRA/adapters/prefix (weights + configs) to `out_dir`, atomically.
-    `base` notes where the base model came from (a path or name), for the reader."""
+def write_adapter_files(model: nnx.Module, directory: Path, *, base: str | None = None) -> None:
+    """adapter.json + adapter.safetensors for the model's LoRA/adapters/prefix, into `directory`
+    (not atomic by itself: `save_adapter` writes them into a new directory swapped into place)."""
     from safetensors.numpy import save_file
-
-    from jaxllm.interop.peft import write_peft_files
 
     desc = describe_peft(model)
     meta = {"format": FORMAT, "version": 1, "base": base,
             "model": {k: getattr(model.config, k) for k in _SHAPE_FIELDS}, **desc}
+    save_file(_state_dict(model), str(Path(directory) / WEIGHTS_FILE), metadata={"format": FORMAT})
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def save_adapter(model: nnx.Module, out_dir, *, overwrite: bool = False, base: str | None = None) -> Path:
+    """Write the model's LoRA/adapters/prefix (weights + configs) to `out_dir`, atomically.
+    `base` notes where the base model came from (a path or name), for the reader."""
     with new_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if desc["lora"] and not desc["adapter"] and not desc["prefix"]:
-            write_peft_files(model, tmp, base=base)
+        write_adapter_files(model, tmp, base=base)
     return Path(out_dir).expanduser().absolute()
 
 
@@ -108,17 +110,17 @@ def _config(cls, fields: dict, where: str):
 
 
 def load_adapter(model: nnx.Module, path) -> nnx.Module:
-    """Add the LoRA/adapters/prefix saved in `path` to a model that has none, and load their
-    weights (in place; returns the model). A directory with only PEFT files is read as PEFT LoRA."""
+    """Add the LoRA/adapters/prefix saved in `path` (by `save_adapter`) to a model that has none,
+    and load their weights (in place; returns the model)."""
     from safetensors.numpy import load_file
 
     path = Path(path).expanduser()
     if not (path / CONFIG_FILE).is_file():
-        from jaxllm.interop.peft import PEFT_CONFIG_FILE, load_peft
-        if (path / PEFT_CONFIG_FILE).is_file():
-            return load_peft(model, path)
-        raise FileNotFoundError(f"{path} holds no adapter: expected {CONFIG_FILE} (jaxllm) or "
-                                f"{PEFT_CONFIG_FILE} (PEFT) written by save_adapter / save_pretrained")
+        if (path / "adapter_config.json").is_file():
+            raise AdapterFileError(f"{path} holds a Hugging Face PEFT adapter (adapter_config.json), not "
+                                   f"jaxllm's {CONFIG_FILE}: read it with jaxllm.interop.load_peft(model, path)")
+        raise FileNotFoundError(f"{path} holds no adapter: expected {CONFIG_FILE}, written by "
+                                f"jaxllm.peft.save_adapter (for a PEFT directory use jaxllm.interop.load_peft)")
     where = str(path / CONFIG_FILE)
     try:
         meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxllm.sampling import cut_at_eos, generate
+from jaxllm.sampling import SamplingConfig, cut_at_eos, generate
 
 _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -56,25 +56,27 @@ class SelfConsistencyResult:
     answers: list[str | None]    # what the extractor found in each sample
 
 
-def self_consistency(model, tokenizer, prompt: str, n: int = 8, *,
+def self_consistency(model, tokenizer, prompt: str, n: int = 8, sampling: SamplingConfig | None = None, *,
                      extractor: Callable[[str], str | None] = extract_answer, max_new_tokens: int = 128,
-                     temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                     repetition_penalty: float = 1.0, stop_at_eos: bool = True,
-                     key: jax.Array | None = None) -> SelfConsistencyResult:
+                     stop_at_eos: bool = True, key: jax.Array | None = None,
+                     **strategy) -> SelfConsistencyResult:
     """Sample `n` continuations of `prompt` in one batched call and vote on their extracted answers.
 
-    `extractor(text) -> answer or None` defaults to `extract_answer`. Sampling must be random:
-    temperature 0 would give n identical samples."""
+    `extractor(text) -> answer or None` defaults to `extract_answer`. The strategy is generate's
+    (`sampling` and/or its fields as keywords), with temperature 0.7 unless given. Sampling must be
+    random: temperature 0 would give n identical samples."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if temperature == 0:
+    if sampling is None:
+        strategy.setdefault("temperature", 0.7)
+    sampling = SamplingConfig.build(sampling, **strategy)
+    if sampling.greedy:
         raise ValueError("self-consistency needs sampling: give temperature > 0 (0 gives n identical answers)")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty; give the question as text")
     eos_id = tokenizer.eos_id if stop_at_eos else None
-    out = generate(model, np.asarray([ids] * n), max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
+    out = generate(model, np.asarray([ids] * n), max_new_tokens, sampling, eos_id=eos_id,
                    key=jax.random.key(0) if key is None else key)
     samples = []
     for row in np.asarray(out)[:, len(ids):]:

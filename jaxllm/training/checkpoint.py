@@ -1,4 +1,5 @@
 """Orbax checkpoints of a run: model weights, optimizer state and the JSON needed to rebuild it.
+(Rebuilding a model from a run directory, a PEFT run's base included, is `jaxllm.runs`.)
 
 Layout: RUN_DIR/checkpoints/<step>/{model, train, meta}. Orbax writes each step to a temporary
 directory and renames it when complete, so an interrupted save never looks like a checkpoint.
@@ -18,12 +19,11 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxllm.peft.common import PeftParam
+from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
 
 # Orbax logs every save at INFO; our progress bar already says when a checkpoint is written.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
-CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class Checkpointer:
@@ -35,9 +35,9 @@ class Checkpointer:
                 "training run")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=create,
-            # Synchronous: the train step donates its state buffers, and a background writer
-            # must never read a buffer the next step is overwriting.
-            enable_async_checkpointing=False)
+            # Written in the background: `save` is given host copies (the loop's), never the
+            # device buffers the next train step donates and overwrites.
+            enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("model", "train", "meta"))
 
@@ -48,10 +48,14 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, model_state: nnx.State, train_state: dict[str, Any], meta: dict) -> None:
+        """Start writing checkpoint `step`; it appears (complete) once written, in the background.
+        Pass host arrays or arrays no later computation donates; `close` or `wait` finishes it."""
         self.manager.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
             train=ocp.args.StandardSave(train_state),
             meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def read_meta(self, step: int | None = None) -> dict:
@@ -85,6 +89,7 @@ class Checkpointer:
         return step
 
     def close(self) -> None:
+        self.manager.wait_until_finished()
         self.manager.close()
 
 
@@ -96,47 +101,3 @@ def _restore_target(x) -> jax.ShapeDtypeStruct:
     if getattr(s, "sharding", None) is None:
         s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     return s
-
-
-def _peft_model(meta: dict, run_dir):
-    from jaxllm.peft.files import apply_peft
-    from jaxllm.config import GPTConfig
-    from jaxllm.training.finetune import load_base, same_base_weights, weights_fingerprint
-
-    base = meta["base"]
-    try:
-        model, cfg, _ = load_base(base["path"], base.get("step"))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{run_dir} holds only adapter weights; its base model {base['path']} "
-                                f"is needed too ({e})") from None
-    if cfg != GPTConfig.from_dict(meta["model"]):  # fields added since take their defaults
-        raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
-                         f"(its config changed); restore that base or retrain")
-    if not same_base_weights(base, weights_fingerprint(model)):
-        raise ValueError(f"the base model at {base['path']} is not the one {run_dir} was trained on "
-                         f"(same config, other weights); restore that base or retrain")
-    return apply_peft(model, meta["peft"], f"{run_dir} metadata")
-
-
-def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
-    """(model, config, tokenizer or None, meta) from a training run's directory: needs nothing else."""
-    from jaxllm.config import GPTConfig
-    from jaxllm.model import GPT
-    from jaxllm.tokenizer import load_tokenizer
-
-    ckpt = Checkpointer(run_dir, create=False)
-    try:
-        meta = ckpt.read_meta(step)
-        cfg = GPTConfig.from_dict(meta["model"])
-        if meta.get("base"):  # only the PEFT weights were saved: base + fresh PEFT, then restore those
-            model = _peft_model(meta, run_dir)
-            nnx.update(model, ckpt.restore_model(nnx.state(model, PeftParam), step))
-        else:
-            model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-            graphdef, abstract = nnx.split(model)
-            model = nnx.merge(graphdef, ckpt.restore_model(abstract, step))
-    finally:
-        ckpt.close()
-    tok_dir = pathlib.Path(run_dir) / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
-    return model, cfg, tokenizer, meta

@@ -4,27 +4,42 @@ A stage hands it a model, a loss, a batch function of the step number and an eva
 owns the jitted step, progress bar, metrics, periodic eval, checkpoints, the NaN stop and resume.
 Batches and dropout keys are pure functions of (seed, step), so a resumed run repeats exactly the
 steps an uninterrupted run would have taken.
+
+The host never waits for a step to read its metrics: steps are dispatched back to back (at most
+`MAX_IN_FLIGHT` queued), the next batch is built on a background thread while the device works,
+and metrics are fetched in one transfer at each log, eval or checkpoint boundary, where the NaN
+guard (computed inside the step) is checked. Checkpoints copy the state to host memory (the next
+step reuses the donated device buffers) and Orbax writes the copy in the background.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
-import json
-import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxllm import parallel
+from jaxllm.config import GPTConfig
 from jaxllm.model import count_params
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter
 from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
-from jaxllm.training.perf import measure_matmul_peak, mfu
+from jaxllm.training.perf import mfu, peak_flops
+from jaxllm.training.rundir import TOKENIZER, clear_run_dir, write_tokenizer
 from jaxllm.training.step import TrainState, init_train_state, make_train_step
+
+# Steps dispatched ahead of the device: enough that the device never waits for the host, few
+# enough that queued batches do not pile up in device memory.
+MAX_IN_FLIGHT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +47,7 @@ class LoopConfig:
     out_dir: str = "runs/default"
     batch_size: int = 12            # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
-    devices: int = 0                # data-parallel devices; 0: as many as split batch_size evenly
-                                    # (on CPU one above parallel.CPU_DATA_PARALLEL_MAX_PARAMS trained)
+    devices: int = 0                # data-parallel devices; 0: automatic (see jaxllm.parallel.data_mesh)
     max_iters: int = 2000
     eval_interval: int = 250        # 0: evaluate only at the end
     log_interval: int = 10
@@ -41,8 +55,8 @@ class LoopConfig:
     keep_ckpts: int = 3
     seed: int = 1337
     resume: bool = False            # continue from the latest checkpoint in out_dir, if any
-    overwrite: bool = False         # delete existing checkpoints in out_dir instead of refusing
-    peak_flops: float | None = None  # for MFU; None measures an fp32 matmul on this device
+    overwrite: bool = False         # delete what a previous run left in out_dir instead of refusing
+    peak_flops: float | None = None  # for MFU; None: the device's published peak, else measured
     tensorboard: bool = True
     progress: bool = True
 
@@ -66,32 +80,44 @@ class TrainResult:
     compile_seconds: float
     eval_seconds: float
     checkpoint_seconds: float
+    peak_flops: float = 0.0                  # what MFU was measured against ...
+    peak_source: str = ""                    # ... and where that number comes from
 
 
 def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                optim: OptimConfig, loop: LoopConfig, meta: dict,
                make_eval: Callable[[Any], Callable[[TrainState], dict]] | None = None,
                trainable=nnx.Param, tokens_per_step: int, flops_per_token: float,
-               on_start: Callable[[], None] | None = None, checkpoint_frozen: bool = True) -> TrainResult:
+               tokenizer=None, checkpoint_frozen: bool = True,
+               check_resume: Callable[[dict, Any], None] | None = None,
+               pad_values=None) -> TrainResult:
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
     If the run stops early (KeyboardInterrupt, NonFiniteLossError), `model` still holds the
-    latest weights in memory (a non-finite step is never applied) before the error propagates.
+    latest weights in memory (a non-finite update is never applied) before the error propagates.
 
-    batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis.
+    batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis and rows on
+    axis 1. `pad_values` (a pytree of scalars shaped like a batch) fills extra rows that weigh
+    nothing in `loss_fn`; with it, data parallelism may use every device whatever the batch size.
     make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
     data-parallel mesh the state lives on (None on one device).
-    on_start() runs once the run directory is known good (e.g. to save the tokenizer there).
+    `tokenizer` is saved into the run directory, so the run can be sampled from on its own.
     With checkpoint_frozen=False, checkpoints hold only the `trainable` weights (LoRA, adapters):
     the frozen base is rebuilt from where `meta["base"]` says it came from.
+    check_resume(saved_meta, where) may refuse to resume a run (the model config is checked here).
     """
     optimizer = make_optimizer(optim)
-    mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable))
+    mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
+                              can_pad=pad_values is not None)
+    rows = parallel.padded_rows(loop.batch_size, mesh)
     ckpt = _prepare_run_dir(loop)
     start = 0
     if loop.resume and ckpt.latest_step() is not None:
         start = ckpt.latest_step()
-        _check_resume_compatible(ckpt.read_meta(start), meta, ckpt.directory)
+        saved_meta = ckpt.read_meta(start)
+        _check_model_config(saved_meta, meta, ckpt.directory)
+        if check_resume is not None:
+            check_resume(saved_meta, ckpt.directory)
         # nnx.state() returns a copy: the restored weights must be written back into the model.
         saved = nnx.state(model) if checkpoint_frozen else nnx.state(model, trainable)
         nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
@@ -104,95 +130,144 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
     if mesh is not None:  # placed once; the step's outputs keep this placement
         state = jax.device_put(state, parallel.replicated(mesh))
-    if on_start is not None:
-        on_start()
+        print(f"data parallel over {mesh.size} devices"
+              + (f" (batch {loop.batch_size} padded to {rows} rows)" if rows != loop.batch_size else ""))
+    if tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir()):
+        write_tokenizer(tokenizer, loop.out_dir)
 
     step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh)
     evaluate = make_eval(graphdef, mesh) if make_eval is not None else None
-    peak = loop.peak_flops or measure_matmul_peak()
+    compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
+    peak, peak_source = (loop.peak_flops, "train.peak_flops") if loop.peak_flops else peak_flops(compute_dtype)
     writer = MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard,
                            resume_step=start if loop.resume else None)
     base_key = jax.random.key(loop.seed)
 
+    def make_batch(it):
+        batch = batch_fn(it)
+        if rows != loop.batch_size:
+            batch = parallel.pad_rows(batch, rows, pad_values, axis=1)
+        return batch if mesh is None else parallel.shard_batch(batch, mesh, 1)
+
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
     pending: list[tuple[int, dict]] = []   # dispatched steps whose metrics are not yet read
-    window = {"steps": 0, "seconds": 0.0}
+    window = {"steps": 0, "start": time.perf_counter()}   # throughput since the last log
     last_eval = "-"
     bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
                dynamic_ncols=True)
+    if loop.progress:
+        bar.write(f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     loop_start = time.perf_counter()
     compile_seconds = eval_seconds = checkpoint_seconds = 0.0
-    tick = time.perf_counter()
+    prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-batch")
 
-    def drain(keep_last: int = 0) -> None:
-        """Read metrics of finished steps; stop on the first non-finite loss."""
-        while len(pending) > keep_last:
-            s, m = pending.pop(0)
-            m = jax.device_get(m)
+    def drain() -> None:
+        """Read the metrics of every dispatched step (one transfer); stop on a non-finite loss."""
+        nonlocal pending
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        done_steps = [s for s, _ in pending]
+        pending = []
+        for s, m in zip(done_steps, fetched):
             if not bool(m["finite"]):
                 good = ckpt.latest_step()
                 raise NonFiniteLossError(
                     f"loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
-                    f"training stopped. The last good checkpoint "
+                    f"training stopped (that update was not applied). The last good checkpoint "
                     f"{'is step ' + str(good) if good is not None else 'does not exist yet'} in "
                     f"{ckpt.directory} and is untouched. Lower optim.learning_rate, keep "
                     f"optim.grad_clip on, or use float32 compute, then resume.")
             losses[s] = float(m["loss"])
-            if (s + 1) % loop.log_interval == 0 or s + 1 == loop.max_iters:
-                tokens_per_s = tokens_per_step * window["steps"] / max(window["seconds"], 1e-9)
-                record = {"loss": losses[s], "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                          "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak)}
-                writer.write(s + 1, record)
-                bar.set_postfix(loss=f"{losses[s]:.4f}", val=last_eval, tok_s=f"{tokens_per_s:,.0f}",
-                                mfu=f"{record['mfu']:.1%}", refresh=False)
-                window["steps"], window["seconds"] = 0, 0.0
+        s, m = done_steps[-1], fetched[-1]
+        if (s + 1) % loop.log_interval == 0 or s + 1 == loop.max_iters:
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * window["steps"] / max(now - window["start"], 1e-9)
+            record = {"loss": losses[s], "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak)}
+            writer.write(s + 1, record)
+            bar.set_postfix(loss=f"{losses[s]:.4f}", val=last_eval, tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{record['mfu']:.1%}", refresh=False)
+            window["steps"], window["start"] = 0, now
 
     try:
+        next_batch = prefetch.submit(make_batch, start) if start < loop.max_iters else None
         for it in range(start, loop.max_iters):
-            batch = batch_fn(it) if mesh is None else parallel.shard_batch(batch_fn(it), mesh, 1)
-            state, metrics = step_fn(state, batch, base_key)
+            batch = next_batch.result()
+            if it + 1 < loop.max_iters:  # built while this step runs
+                next_batch = prefetch.submit(make_batch, it + 1)
+            with _interrupt_after_binding():  # Ctrl-C here must not lose the donated state
+                state, metrics = step_fn(state, batch, base_key)
             pending.append((it, metrics))
-            drain(keep_last=1)  # one step stays in flight so the host never waits idle
-            now = time.perf_counter()
-            if it == start:
+            if it == start:  # compilation dominates the first step: not a throughput sample
                 jax.block_until_ready(metrics)
-                now = time.perf_counter()
-                compile_seconds = now - tick  # first step: compilation dominates; not a throughput sample
+                compile_seconds = time.perf_counter() - loop_start
+                window["start"] = time.perf_counter()
             else:
                 window["steps"] += 1
-                window["seconds"] += now - tick
+            if len(pending) > MAX_IN_FLIGHT:  # a wait, not a transfer: bounds the queue
+                jax.block_until_ready(pending[-MAX_IN_FLIGHT - 1][1])
             bar.update(1)
             done = it + 1
             is_last = done == loop.max_iters
-            if evaluate is not None and (is_last or (loop.eval_interval and done % loop.eval_interval == 0)):
-                drain()
-                t_eval = time.perf_counter()
+            do_eval = evaluate is not None and (is_last or (loop.eval_interval and done % loop.eval_interval == 0))
+            do_ckpt = is_last or (loop.ckpt_interval and done % loop.ckpt_interval == 0)
+            if do_eval or do_ckpt or done % loop.log_interval == 0:
+                drain()  # also: never evaluate or checkpoint a state whose loss we have not checked
+            paused = time.perf_counter()
+            if do_eval:
                 result = {k: float(v) for k, v in evaluate(state).items()}
                 evals[done] = result
                 writer.write(done, result)
                 last_eval = f"{next(iter(result.values())):.4f}"
                 bar.set_postfix(loss=f"{losses[it]:.4f}", val=last_eval, refresh=True)
-                eval_seconds += time.perf_counter() - t_eval
-            if is_last or (loop.ckpt_interval and done % loop.ckpt_interval == 0):
-                drain()  # never checkpoint a state whose loss we have not checked
+                eval_seconds += time.perf_counter() - paused
+            if do_ckpt:
                 t_ckpt = time.perf_counter()
                 model_state = (nnx.merge_state(state.trainable, state.frozen) if checkpoint_frozen
                                else state.trainable)
-                ckpt.save(done, model_state, {"step": state.step, "opt_state": state.opt_state}, meta)
+                ckpt.save(done, _host_copy(model_state),
+                          _host_copy({"step": state.step, "opt_state": state.opt_state}), meta)
                 checkpoint_seconds += time.perf_counter() - t_ckpt
-            tick = time.perf_counter()
+            window["start"] += time.perf_counter() - paused   # eval and checkpoints are not throughput
         drain()
-    finally:  # one place releases the bar, the metric files and the checkpoint manager
+    finally:  # one place releases the bar, the batch thread, the metric files and the checkpoints
+        prefetch.shutdown(wait=True, cancel_futures=True)
         bar.close()
         writer.close()
-        ckpt.close()
+        ckpt.close()  # waits for a checkpoint still being written
         # Also when stopped (Ctrl-C, a non-finite loss): the step donates the buffers the model
         # was built on, so the model is usable again only once it holds the latest state.
         _write_back(model, state, mesh)
     train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
     return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
-                       eval_seconds, checkpoint_seconds)
+                       eval_seconds, checkpoint_seconds, peak, peak_source)
+
+
+def _host_copy(tree):
+    """A host-memory copy of every array: the next step overwrites the donated device buffers while
+    the background writer still reads this copy (on CPU, np.asarray alone may alias them)."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+@contextlib.contextmanager
+def _interrupt_after_binding():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it once the block is done.
+    The train step donates the state: between the call and binding its result, an interrupt would
+    leave nothing holding the weights."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield   # not ours to manage (a custom handler, or off the main thread)
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _write_back(model: nnx.Module, state: TrainState, mesh) -> None:
@@ -216,38 +291,17 @@ def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
                 "train.resume=true to continue that run, train.overwrite=true to replace it, or "
                 "choose another train.out_dir.")
         ckpt.close()
-        shutil.rmtree(ckpt.directory)
+        clear_run_dir(loop.out_dir)   # checkpoints, tokenizer, metrics, TensorBoard files, adapter
         ckpt = Checkpointer(loop.out_dir, keep=loop.keep_ckpts)
     return ckpt
 
 
-def _model_config(meta: dict):
-    """meta["model"] as a GPTConfig, so that a field added since (with its default) compares equal."""
-    from jaxllm.config import GPTConfig
-
-    return GPTConfig.from_dict(meta["model"]) if meta.get("model") is not None else None
-
-
-def _check_resume_compatible(saved: dict, current: dict, where) -> None:
-    if _model_config(saved) != _model_config(current):
+def _check_model_config(saved: dict, current: dict, where) -> None:
+    """Resume only onto the same model; meta["model"] is compared as a GPTConfig, so that a field
+    added since (with its default) compares equal."""
+    def as_config(meta):
+        return GPTConfig.from_dict(meta["model"]) if meta.get("model") is not None else None
+    if as_config(saved) != as_config(current):
         raise ValueError(
             f"cannot resume from {where}: its model config {saved.get('model')} differs from the "
             f"requested {current.get('model')}; use the same model settings or another out_dir")
-    for key, what in (("peft", "peft.* settings"), ("base", "base model (init.path / init.step)")):
-        was, now = saved.get(key), json.loads(json.dumps(current.get(key)))  # as the JSON meta holds it
-        recorded_base = fingerprint = None
-        if key == "base" and was and now:  # the weights' fingerprint: compared last, with a tolerance
-            recorded_base, fingerprint = was, now.get("fingerprint")
-            was, now = ({k: v for k, v in b.items() if k != "fingerprint"} for b in (was, now))
-        if was != now:
-            raise ValueError(
-                f"cannot resume from {where}: its {what} {was} differ from the requested "
-                f"{now}; resume with the same settings or choose another train.out_dir")
-        if recorded_base is not None:
-            from jaxllm.training.finetune import same_base_weights
-
-            if not same_base_weights(recorded_base, fingerprint):
-                raise ValueError(f"cannot resume from {where}: the base model at {now['path']} now holds "
-                                 f"other weights than the run was trained on; restore that base or "
-                                 f"choose another train.out_dir")
-

@@ -128,3 +128,11 @@ def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None):
 def mask_rows(y_BT, row_mask_B):
     """Targets of padded rows become IGNORE_INDEX so a fixed-shape eval batch counts only real rows."""
     return jnp.where(jnp.asarray(row_mask_B)[:, None], y_BT, IGNORE_INDEX)
+
+
+def evaluate_model(model: nnx.Module, trainable, make_eval) -> dict:
+    """Run a stage's evaluator (the loop's `make_eval`) on a model outside the loop: the numbers
+    "before tuning"."""
+    graphdef, train_vars, frozen = split_model(model, trainable)
+    metrics = make_eval(graphdef, None)(TrainState(None, train_vars, frozen, None))
+    return {k: float(v) for k, v in metrics.items()}

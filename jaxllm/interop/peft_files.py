@@ -1,4 +1,4 @@
-"""LoRA in Hugging Face PEFT's file format, for HF's GPT-2 (`GPT2LMHeadModel`).
+"""LoRA in Hugging Face PEFT's adapter files, for HF's GPT-2 (`GPT2LMHeadModel`).
 
 PEFT stores, per adapted module, `base_model.model.<module>.lora_A.weight` (r, in) and
 `.lora_B.weight` (out, r) in adapter_model.safetensors, and adapter_config.json with r, lora_alpha,
