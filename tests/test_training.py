@@ -142,9 +142,20 @@ def test_lr_schedule_equals_nanogpt_get_lr_in_warmup_cosine_and_after_decay():
     assert got[0] == pytest.approx(1e-3 / 11) and got[-1] == pytest.approx(1e-4)
 
 
-def test_weight_decay_shrinks_only_params_with_ndim_at_least_2():
+def test_weight_decay_follows_what_a_parameter_is_in_the_base_and_in_every_peft_method():
+    """Matrices decay wherever they live (base, LoRA, adapters, prefix); biases, norm scales and the
+    prefix gate never do, whatever their shape (the gate is 2-D, LoRA's A and B are 3-D)."""
+    from jaxllm import peft
+
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    peft.add_lora(model, peft.LoraConfig(r=2, target=("q", "v")))
+    peft.add_adapters(model, peft.AdapterConfig(reduction_factor=8))
+    peft.add_prefix(model, peft.PrefixConfig(num_virtual_tokens=2, projection=True, projection_hidden=8,
+                                             gated=True))
     c = OptimConfig(learning_rate=0.1, min_lr=0.1, warmup_iters=0, lr_decay_iters=1, weight_decay=0.5)
-    params = nnx.state(GPT(TINY, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)   # nonzero everywhere (LoRA's B starts at zero)
+    params = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
     optimizer = make_optimizer(c)
 
     @jax.jit
@@ -153,14 +164,15 @@ def test_weight_decay_shrinks_only_params_with_ndim_at_least_2():
         return optax.apply_updates(p, updates)
 
     new = zero_grad_update(params)
-    mask = jax.tree.leaves(decay_mask(params))
-    ndims = [a.ndim for a in jax.tree.leaves(params)]
-    assert mask == [n >= 2 for n in ndims] and any(mask) and not all(mask)
-    for decayed, a, b in zip(mask, _params(params), _params(new)):
-        if decayed:  # AdamW with zero gradient: p <- p - lr * wd * p
+    names = [str(path[-2].key) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    decayed = {n for n, a, b in zip(names, _params(params), _params(new)) if not np.array_equal(a, b)}
+    kept = set(names) - decayed
+    assert decayed == {"kernel", "embedding", "a", "b", "down", "up", "w1", "w2"}
+    assert kept == {"bias", "scale", "gate", "down_bias", "up_bias", "b1", "b2"}
+    assert jax.tree.leaves(decay_mask(params)) == [n in decayed for n in names]
+    for name, a, b in zip(names, _params(params), _params(new)):
+        if name in decayed:  # AdamW with zero gradient: p <- p - lr * wd * p
             np.testing.assert_allclose(b, a * (1 - 0.1 * 0.5), rtol=1e-6)
-        else:        # biases and LayerNorm gains: untouched
-            np.testing.assert_array_equal(b, a)
 
 
 # --------------------------------------------------------------------------- loop: NaN stop

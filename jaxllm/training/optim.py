@@ -36,9 +36,22 @@ def lr_schedule(c: OptimConfig):
     return schedule
 
 
+# Weight decay follows what a parameter is, the same in every stage: weight matrices decay
+# (kernels, embeddings, LoRA's A and B, adapter projections, prefix tables and their projection
+# matrices); biases, LayerNorm scales and gates never do. A decayed zero-initialised gate would be
+# pulled back to "off" at every step, and decaying a bias or a norm scale only shifts the function.
+NO_DECAY = frozenset({"bias", "scale", "gate", "down_bias", "up_bias", "b1", "b2"})
+
+
+def _name(path) -> str:
+    """The parameter's own name: the last mapping key of its path in an nnx.State (or a dict)."""
+    keys = [getattr(k, "key", None) for k in path if hasattr(k, "key")]
+    return str(keys[-1]) if keys else ""
+
+
 def decay_mask(params):
-    """Decay matrices and embeddings (ndim >= 2); never biases or LayerNorm gains."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True where a parameter decays (see NO_DECAY), by its name, whatever its shape."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _name(path) not in NO_DECAY, params)
 
 
 def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
