@@ -8,8 +8,14 @@ Four kinds share it:
 - ``hf``:   any HF ``tokenizer.json``.
 
 Every tokenizer has ``kind``, ``encode``, ``decode``, ``vocab_size``, ``eos_id``,
-``pad_id`` and ``save(directory)``; ``load_tokenizer`` reads back what ``save`` wrote.
-Nothing here touches the network.
+``pad_id``, ``special_tokens`` and ``save(directory)``; ``load_tokenizer`` reads back what ``save``
+wrote. Nothing here touches the network.
+
+Text never produces a special token unless asked: ``encode(text)`` reads a literal
+``<|endoftext|>`` in user text as ordinary characters; ``encode(text, allow_special=True)`` maps it
+to the special id (how a pretraining corpus marks document boundaries). ``count_special(text)``
+counts such literals, so callers can report them. A char vocabulary's specials are control
+characters with no other encoding, so text holding one is refused unless asked.
 """
 
 from __future__ import annotations
@@ -76,8 +82,17 @@ class Tokenizer(abc.ABC):
     def pad_id(self) -> int | None:
         return None
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The text of each special token and its id."""
+        return {}
+
     @abc.abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
+
+    def count_special(self, text: str) -> int:
+        """How many special tokens' texts occur in `text`."""
+        return sum(text.count(t) for t in self.special_tokens if t)
 
     @abc.abstractmethod
     def decode(self, ids) -> str: ...
@@ -136,8 +151,19 @@ class CharTokenizer(Tokenizer):
     def pad_id(self) -> int | None:
         return self._stoi.get(CHAR_PAD)
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {c: self._stoi[c] for c in (CHAR_EOS, CHAR_PAD) if c in self._stoi}
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
         stoi = self._stoi
+        if not allow_special:
+            for c, i in self.special_tokens.items():
+                if c in text:
+                    raise ValueError(
+                        f"the text holds {c!r} (U+{ord(c):04X}, first at position {text.index(c)}), which this "
+                        f"char tokenizer reserves as {'EOS' if c == CHAR_EOS else 'padding'} (id {i}); remove it "
+                        f"from the text")
         try:
             return [stoi[c] for c in text]
         except KeyError as e:
@@ -213,8 +239,18 @@ class HFTokenizer(Tokenizer):
     def pad_id(self) -> int | None:
         return self._pad_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        # encode_special_tokens=True reads a special token's text like any other text
+        previous = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = not allow_special
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = previous
 
     def decode(self, ids) -> str:
         # Special tokens are kept so that decode(encode(text)) == text for byte-level models.
@@ -331,9 +367,14 @@ class GPT2Tokenizer(Tokenizer):
     def eos_id(self) -> int:
         return GPT2_EOS_ID
 
-    def encode(self, text: str) -> list[int]:
-        # Documents are joined with <|endoftext|> in text, so it must become the special id.
-        return self.encoding.encode(text, allowed_special={GPT2_EOS})
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {GPT2_EOS: GPT2_EOS_ID}
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            return self.encoding.encode(text, allowed_special={GPT2_EOS})
+        return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.encoding.decode(_as_id_list(ids))

@@ -98,6 +98,42 @@ def test_pad_id_is_never_eos():
         resolve_special_ids(CharTokenizer.from_text("abc"))
 
 
+def _gpt2_or_skip():
+    from jaxllm.tokenizer import GPT2RanksNotFoundError, GPT2Tokenizer
+    try:
+        return GPT2Tokenizer()
+    except GPT2RanksNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2"])
+def test_special_token_text_in_a_response_stays_text_and_is_counted(kind):
+    """A literal <|endoftext|> inside user text must not become an EOS label mid-answer."""
+    tok = BPETokenizer.train(["the end, or not really " * 30], vocab_size=300) if kind == "bpe" else _gpt2_or_skip()
+    eos = tok.eos_id
+    record = {"prompt": "Q: say it\n", "completion": "the end <|endoftext|> not really"}
+    ds = tokenize_records([record, {"prompt": "Q\n", "completion": "plain"}], tok, log=None)
+    ex = ds.examples[0]
+    assert list(ex.ids).count(eos) == 1 and ex.ids[-1] == eos          # only the appended EOS
+    assert [int(x) for x in ex.labels].count(eos) == 1
+    assert tok.decode(ex.ids[:-1]).endswith("the end <|endoftext|> not really")
+    assert ds.stats.special_text == 1 and "special-token text" in ds.stats.summary()
+    # asked for, the text becomes the special token (how a pretraining corpus marks documents)
+    assert tok.encode("<|endoftext|>", allow_special=True) == [eos]
+    assert eos not in tok.encode("<|endoftext|>") and tok.count_special("a<|endoftext|>b<|endoftext|>") == 2
+
+
+def test_char_special_character_in_a_record_is_a_named_error_or_a_counted_skip(tmp_path):
+    tok = sft_char_tokenizer("abc xyz:\n")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a:", "completion": "b\x03c"}) + "\n"
+                    + json.dumps({"prompt": "a:", "completion": "bc"}) + "\n", encoding="utf-8")
+    with pytest.raises(InstructDataError, match=r"d.jsonl:1: .*reserves as EOS"):
+        load_instruct(path, tok)
+    ds = load_instruct(path, tok, on_error="skip", log=None)
+    assert ds.stats.skipped == 1 and len(ds.examples) == 1
+
+
 def test_char_specials_survive_save_and_load(tmp_path):
     loaded = load_tokenizer(TOK.save(tmp_path / "tok"))
     assert type(loaded) is CharTokenizer and (loaded.eos_id, loaded.pad_id) == (EOS, PAD)

@@ -91,8 +91,9 @@ def test_bpe_honours_vocab_size_and_has_distinct_eos_and_pad(bpe):
     assert bpe.vocab_size == 400
     assert max(bpe.encode(UNICODE_SAMPLE)) < 400
     assert bpe.eos_id is not None and bpe.pad_id is not None and bpe.eos_id != bpe.pad_id
-    assert bpe.encode("<|endoftext|>") == [bpe.eos_id]
-    assert bpe.encode("<|pad|>") == [bpe.pad_id]
+    assert bpe.encode("<|endoftext|>", allow_special=True) == [bpe.eos_id]
+    assert bpe.eos_id not in bpe.encode("<|endoftext|>")   # user text is text unless asked
+    assert bpe.encode("<|pad|>", allow_special=True) == [bpe.pad_id]
 
 
 def test_bpe_compresses_english_better_than_bytes(bpe, shakespeare):
@@ -135,7 +136,8 @@ def test_gpt2_matches_known_gpt2_ids_and_allows_endoftext():
     tok = gpt2_or_skip()
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (50257, 50256, None)
     assert tok.encode("Hello world") == [15496, 995]
-    assert tok.encode("a<|endoftext|>b") == [64, 50256, 65]
+    assert tok.encode("a<|endoftext|>b", allow_special=True) == [64, 50256, 65]
+    assert 50256 not in tok.encode("a<|endoftext|>b")      # user text is text unless asked
     assert tok.decode(tok.encode(UNICODE_SAMPLE)) == UNICODE_SAMPLE
 
 

@@ -217,7 +217,8 @@ def generation_split(spans: Spans) -> tuple[Spans, str]:
 
 def encode_spans(spans: Spans, tokenizer: Tokenizer, eos_id: int) -> tuple[list[int], list[int]]:
     """(ids, labels): each span tokenized alone; EOS after every trainable span; labels -100 on
-    prompt spans and equal to the ids on trainable spans and their EOS."""
+    prompt spans and equal to the ids on trainable spans and their EOS. Span text never produces a
+    special token (a literal <|endoftext|> is text): EOS comes only from the template."""
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in spans:
@@ -249,11 +250,15 @@ class InstructStats:
     reasons: list[str] = dataclasses.field(default_factory=list)  # the first MAX_REASONS skips
     truncated: int = 0      # cut to max_len (truncation="keep_start")
     dropped: int = 0        # too long (truncation="drop"), or no target left after truncation
+    special_text: int = 0   # records whose text holds a special token's text (read as plain text)
 
     def summary(self) -> str:
         text = (f"{self.source}: {self.kept} examples ({self.format}) from {self.lines} records; "
                 f"{self.skipped} skipped as malformed, {self.truncated} truncated, {self.dropped} "
                 f"dropped as too long, {self.blank} blank lines")
+        if self.special_text:
+            text += (f"; {self.special_text} records hold special-token text (e.g. <|endoftext|>), "
+                     f"read as plain text, never as the special token")
         return text + "".join(f"\n  skipped {r}" for r in self.reasons)
 
 
@@ -322,6 +327,7 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
                 ids, labels = encode_spans(spans, tokenizer, eos)
             except ValueError as e:
                 raise _FieldError(None, f"cannot tokenize: {e}") from None
+            special = any(tokenizer.count_special(text) for text, _ in spans)
         except _FieldError as e:
             err = InstructDataError(source, line, e.field, e.problem)
             if on_error == "raise":
@@ -335,9 +341,10 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
             stats.dropped += 1
             continue
         stats.truncated += fate == "truncated"
+        stats.special_text += special
         examples.append(TokenizedExample(np.asarray(ids, np.int32), np.asarray(labels, np.int32), line))
     stats.kept = len(examples)
-    if log is not None and (stats.skipped or stats.truncated or stats.dropped):
+    if log is not None and (stats.skipped or stats.truncated or stats.dropped or stats.special_text):
         log(stats.summary())
     return InstructDataset(examples, stats, eos, pad)
 

@@ -82,7 +82,12 @@ def prepare(
 
     text = load_text(source, text_key=text_key, data_dir=data_dir)
     tok = _resolve_tokenizer(tokenizer, text, vocab_size)
-    ids = np.asarray(tok.encode(text), dtype=np.int64)
+    # a corpus's literal special tokens (e.g. <|endoftext|> between documents) are its boundaries
+    ids = np.asarray(tok.encode(text, allow_special=True), dtype=np.int64)
+    n_special = tok.count_special(text)
+    if n_special:
+        print(f"{describe_source(source)}: {n_special:,} special-token texts "
+              f"({', '.join(tok.special_tokens)}) read as special tokens")
     n_vocab = max(tok.vocab_size, int(ids.max()) + 1 if ids.size else 0)
     dtype = token_dtype(n_vocab)
 
@@ -108,6 +113,7 @@ def prepare(
         "corpus_chars": len(text),
         "tokenizer": tok.kind,
         "eos_id": tok.eos_id,
+        "special_tokens_in_text": n_special,
         "pad_id": tok.pad_id,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # what was asked for, so a cached dataset is reused only for the same request
