@@ -312,9 +312,12 @@ def test_jaxllm_bpe_tokenizer_json_encodes_identically_in_transformers(tmp_path)
     tok.save(tmp_path)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     for s in (SAMPLE, text[:5000]):
-        ids = tok.encode(s)
+        ids = tok.encode(s, allow_special=True)        # transformers reads special-token text as specials
         assert hf.encode(s, add_special_tokens=False) == ids
         assert hf.decode(ids) == tok.decode(ids) == s
+        plain = tok.encode(s)                          # jaxllm's default: text stays text
+        assert hf.encode(s, add_special_tokens=False, split_special_tokens=True) == plain
+        assert tok.decode(plain) == s
     # and a transformers save_pretrained directory loads back in jaxllm with the same ids
     hf_saved = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
                                                     eos_token="<|endoftext|>", pad_token="<|pad|>")
@@ -336,10 +339,11 @@ def test_gpt2_tiktoken_ranks_match_transformers_conversion_of_the_same_file(tmp_
     ours = jaxllm.load_tokenizer("gpt2")
     hf_backend = TikTokenConverter(vocab_file=str(ranks), pattern=GPT2_PATTERN,
                                    extra_special_tokens=["<|endoftext|>"]).converted()
-    assert hf_backend.encode(SAMPLE, add_special_tokens=False).ids == ours.encode(SAMPLE)
+    assert hf_backend.encode(SAMPLE, add_special_tokens=False).ids == ours.encode(SAMPLE, allow_special=True)
     hf_backend.save(str(tmp_path / "tokenizer.json"))
     as_json = jaxllm.load_tokenizer(tmp_path / "tokenizer.json")  # jaxllm's tokenizer.json path
-    assert as_json.encode(SAMPLE) == ours.encode(SAMPLE)
+    assert as_json.encode(SAMPLE) == ours.encode(SAMPLE)            # the literal stays text in both
+    assert as_json.encode(SAMPLE, allow_special=True) == ours.encode(SAMPLE, allow_special=True)
     assert as_json.eos_id == ours.eos_id == 50256
 
 

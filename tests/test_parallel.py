@@ -45,6 +45,48 @@ def test_mesh_uses_the_devices_that_split_the_batch_evenly(batch, devices, expec
     assert (1 if mesh is None else mesh.size) == expected
 
 
+@pytest.mark.parametrize("batch, expected_devices, expected_rows", [(12, 8, 16), (13, 8, 16), (8, 8, 8), (5, 5, 5)])
+def test_a_stage_that_can_pad_uses_every_device_whatever_the_batch(batch, expected_devices, expected_rows):
+    mesh = parallel.data_mesh(batch, 0, can_pad=True)
+    assert mesh.size == expected_devices and parallel.padded_rows(batch, mesh) == expected_rows
+
+
+def test_padded_rows_weigh_nothing_batch_12_on_8_devices_trains_as_on_one(tmp_path):
+    """Batch 12 on 8 devices: 4 rows of padding (targets -100) make it 16 rows, 2 per device;
+    losses and weights equal a one-device run of the same 12 rows."""
+    from flax import nnx
+
+    from jaxllm.losses import IGNORE_INDEX
+    from jaxllm.training.loop import LoopConfig, train_loop
+    from jaxllm.training.optim import OptimConfig
+
+    cfg = TINY.replace(dropout=0.0)
+    batches = list(_batches(4, accum=1, rows=12, seed=3))
+
+    def run(devices):
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        loop = LoopConfig(out_dir=str(tmp_path / f"d{devices}"), batch_size=12, devices=devices, max_iters=4,
+                          eval_interval=0, log_interval=1, ckpt_interval=0, peak_flops=1e11,
+                          tensorboard=False, progress=False)
+        result = train_loop(model, lm_loss_fn, lambda s: batches[s], optim=OptimConfig(warmup_iters=0), loop=loop,
+                            meta={"model": cfg.to_dict()}, tokens_per_step=12 * cfg.block_size,
+                            flops_per_token=cfg.flops_per_token(), pad_values=(0, IGNORE_INDEX))
+        return result.losses, nnx.state(model, nnx.Param)
+
+    losses8, params8 = run(0)
+    losses1, params1 = run(1)
+    np.testing.assert_allclose([losses8[i] for i in range(4)], [losses1[i] for i in range(4)], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_pad_rows_fills_each_leaf_with_its_own_value():
+    x, y = np.ones((2, 3, 4), np.int32), np.ones((2, 3, 4), np.int32)
+    px, py = parallel.pad_rows((x, y), 5, (0, -100), axis=1)
+    assert px.shape == py.shape == (2, 5, 4)
+    assert (px[:, 3:] == 0).all() and (py[:, 3:] == -100).all() and (px[:, :3] == 1).all()
+
+
 def test_automatic_mesh_on_cpu_keeps_one_device_for_many_trained_parameters_unless_asked():
     big = parallel.CPU_DATA_PARALLEL_MAX_PARAMS + 1
     on_cpu = jax.local_devices()[0].platform == "cpu"

@@ -235,6 +235,21 @@ def test_generate_with_repetition_penalty_equals_a_hand_loop(model):
     np.testing.assert_array_equal(out, ids)
 
 
+def test_repetition_penalty_counts_prompt_tokens_cropped_off_to_fit_the_block(model):
+    """As in transformers: every token of a prompt longer than block_size counts as seen, also those
+    cropped off before the model sees the prompt. The cropped part holds the token the penalised
+    greedy choice would otherwise be (the best token the window lacks)."""
+    window = random_tokens(7, (TINY.block_size,)).tolist()
+    logits = _full_logits_of_row(model, window)[-1]
+    unseen = [t for t in range(TINY.vocab_size) if t not in window]
+    favourite = max(unseen, key=lambda t: logits[t])
+    prompt = [favourite] * 4 + window                     # the first 4 are cropped off
+    out = np.asarray(generate(model, prompt, 1, temperature=0.0, repetition_penalty=50.0))
+    seen = np.isin(np.arange(TINY.vocab_size), prompt)
+    expected = np.where(seen, np.where(logits < 0, logits * 50.0, logits / 50.0), logits).argmax()
+    assert out[-1] == expected != favourite
+
+
 def test_processors_match_transformers_logits_processors():
     torch = pytest.importorskip("torch")
     hf = pytest.importorskip("transformers.generation.logits_process")

@@ -247,6 +247,83 @@ def test_interrupted_loop_leaves_the_model_usable_with_the_steps_that_ran(tmp_pa
         np.testing.assert_array_equal(a, b)
 
 
+def test_ctrl_c_arriving_as_a_step_returns_keeps_the_state_that_step_returned(tmp_path, monkeypatch):
+    """SIGINT after the donated step has run but before its result is bound: the loop holds the
+    interrupt until the new state is bound, so the model equals one trained for exactly 3 steps."""
+    import os
+    import signal
+
+    from jaxllm.training import loop as loop_module
+
+    def run(root, max_iters):
+        model = GPT(TINY, rngs=nnx.Rngs(0))
+        loop = LoopConfig(out_dir=str(tmp_path / root), batch_size=B, max_iters=max_iters, eval_interval=0,
+                          log_interval=1, ckpt_interval=0, peak_flops=1e11, tensorboard=False, progress=False)
+        try:
+            train_loop(model, scaled_lm_loss, _fixed_batch, optim=CONST_LR, loop=loop,
+                       meta={"model": TINY.to_dict()}, tokens_per_step=B * T, flops_per_token=TINY.flops_per_token(T))
+        except KeyboardInterrupt:
+            return model, True
+        return model, False
+
+    three, _ = run("three", 3)
+    real = loop_module.make_train_step
+
+    def make_interrupting_step(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def interrupting_step(state, batch, key):
+            out = step(state, batch, key)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)   # Python's handler runs before `return out`
+            return out
+        return interrupting_step
+
+    monkeypatch.setattr(loop_module, "make_train_step", make_interrupting_step)
+    model, interrupted = run("interrupted", 8)
+    assert interrupted
+    for a, b in zip(_params(nnx.state(model, nnx.Param)), _params(nnx.state(three, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_are_fetched_from_the_device_once_per_log_interval_not_per_step(tmp_path, monkeypatch):
+    from jaxllm.training import loop as loop_module
+
+    import inspect
+
+    fetches = []
+    real_get = jax.device_get
+
+    def counted(tree):  # counts the loop's own fetches (Orbax and others call device_get too)
+        if inspect.currentframe().f_back.f_globals.get("__name__") == loop_module.__name__:
+            fetches.append(1)
+        return real_get(tree)
+    monkeypatch.setattr(loop_module.jax, "device_get", counted)
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    loop = LoopConfig(out_dir=str(tmp_path / "run"), batch_size=B, max_iters=12, eval_interval=0,
+                      log_interval=4, ckpt_interval=0, peak_flops=1e11, tensorboard=False, progress=False)
+    result = train_loop(model, scaled_lm_loss, _fixed_batch, optim=CONST_LR, loop=loop,
+                        meta={"model": TINY.to_dict()}, tokens_per_step=B * T, flops_per_token=TINY.flops_per_token(T))
+    assert len(fetches) == 12 // 4                       # steps 4, 8, 12 (the final checkpoint copies by itself)
+    assert sorted(result.losses) == list(range(12))      # every step's loss is still recorded
+    assert [r["step"] for r in read_metrics(loop.out_dir)] == [4, 8, 12]
+
+
+def test_mfu_peak_is_the_published_one_for_the_compute_dtype_on_a_known_chip_else_measured():
+    import types
+
+    from jaxllm.training.perf import peak_flops
+
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    assert peak_flops("bfloat16", h100) == (989e12, "published bfloat16 peak of NVIDIA H100 80GB HBM3")
+    assert peak_flops("float32", h100)[0] == 495e12       # TF32, what XLA uses for fp32 dots there
+    v5e = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+    assert peak_flops("bfloat16", v5e)[0] == 197e12
+    flops, source = peak_flops("bfloat16", jax.devices("cpu")[0])
+    assert flops > 1e8 and source.startswith("measured bfloat16")   # a CPU: measured, in the compute dtype
+
+
 # --------------------------------------------------------------------------- pretraining runs
 
 

@@ -248,7 +248,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
 def _host_copy(tree):
     """A host-memory copy of every array: the next step overwrites the donated device buffers while
     the background writer still reads this copy (on CPU, np.asarray alone may alias them)."""
-    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
 @contextlib.contextmanager
