@@ -156,8 +156,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     last_eval = "-"
     bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
                dynamic_ncols=True)
-    if loop.progress:
-        bar.write(f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    print(f"MFU is measured against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     loop_start = time.perf_counter()
     compile_seconds = eval_seconds = checkpoint_seconds = 0.0
     prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-batch")
