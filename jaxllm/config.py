@@ -53,8 +53,8 @@ class GPTConfig:
 
     def fused_attention(self, backend: str) -> bool:
         """Whether unmasked causal attention runs as one fused cuDNN kernel (flash attention) on
-        `backend`: asked for, or `auto` on a GPU in 16-bit compute where cuDNN supports the shape.
-        On an H100 this made the gpt2 training step 1.4x faster than the einsum version."""
+        `backend`: asked for, or `auto` on a GPU in 16-bit compute where cuDNN supports the shape
+        (faster than the einsum version there: benchmarks/RESULTS.md, GPU section)."""
         if self.attention != "auto":
             return self.attention == "cudnn"
         return (backend == "gpu" and self.dtype in ("bfloat16", "float16") and self.dropout == 0.0

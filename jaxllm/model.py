@@ -1,8 +1,8 @@
 """GPT-2 in Flax NNX. The model only: no optimizer, loss or data code lives here.
 
 The residual stream is kept 2-D, (B*T, D), between blocks: XLA's CPU backend runs a dense layer on
-3-D activations about 2x slower (forward + backward) than the same layer on a 2-D matrix, so we
-reshape to (B, T, H, hd) only inside attention.
+3-D activations much slower (forward + backward) than the same layer on a 2-D matrix (see
+benchmarks/RESULTS.md), so we reshape to (B, T, H, hd) only inside attention.
 
 Extension points for later stages:
 - every linear layer is a `Linear` named like GPT-2's (`c_attn`, `c_proj`, `c_fc`) with an empty
@@ -138,9 +138,8 @@ class KVCache:
 
 def _head_by_chunks(wte_VD: jax.Array, h_DR: jax.Array, chunk: int = _HEAD_CHUNK) -> jax.Array:
     """wte @ h for 2.._FEW_ROWS rows, one block of `chunk` vocabulary rows at a time. XLA:CPU's one
-    dot over the whole vocabulary with a few columns is slow: GPT-2's head with 2-8 rows took
-    38-120 ms with YNNPACK off (as `setup_cpu` runs) and 15-26 ms with it on; by blocks, 15-20 ms
-    either way (2-core AMD EPYC, measured)."""
+    dot over the whole vocabulary with a few columns runs far below its matmul speed, with or
+    without YNNPACK; by blocks it does not (numbers in benchmarks/RESULTS.md, decoding section)."""
     V, R = wte_VD.shape[0], h_DR.shape[1]
     n = V // chunk
     if n < 2:
