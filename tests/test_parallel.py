@@ -164,8 +164,11 @@ def test_checkpoint_saved_from_a_mesh_loads_onto_one_device(tmp_path):
 
 def test_import_leaves_the_environment_alone_and_setup_cpu_adds_flags_the_user_did_not_set():
     import jaxlib
-    code = ("import os, sys, json; before = dict(os.environ); import jaxllm, jaxllm.cli, jaxllm.stages.pretrain; "
+    code = ("import os, sys, logging; before = dict(os.environ); "
+            "levels = {n: logging.getLogger(n).level for n in ('', 'absl', 'jax')}; "
+            "import jaxllm, jaxllm.cli, jaxllm.stages.pretrain, jaxllm.alignment.sft; "
             "assert dict(os.environ) == before, 'import changed the environment'; "
+            "assert levels == {n: logging.getLogger(n).level for n in levels}, 'import changed logging'; "
             "from jaxllm import parallel; parallel.setup_cpu(int(sys.argv[1])); print(os.environ.get('XLA_FLAGS', ''))")
 
     def flags_after_setup(user_flags, devices=3):

@@ -10,7 +10,6 @@ config, training config, data description.
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 from typing import Any
@@ -21,8 +20,6 @@ from flax import nnx
 
 from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
 
-# Orbax logs every save at INFO; our progress bar already says when a checkpoint is written.
-logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 
