@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+# OSError: what the system says of a path given (too long a name, a file where a folder goes, ...)
+USER_ERRORS = (ValueError, OSError, KeyError)
 
 
 def _cmd_prepare(args) -> None:
@@ -101,10 +102,15 @@ def _cmd_sample(args) -> None:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:   # what jax.random.key takes
+        raise ValueError(f"--seed must be a 64-bit integer (from -2**63 to 2**63 - 1), got {args.seed}")
     model, _, tok, _ = load_checkpoint(args.ckpt, args.step)
     if tok is None:
         raise FileNotFoundError(f"{args.ckpt}/tokenizer is missing; the run directory is incomplete")
-    prompt = tok.encode(args.prompt) or [tok.eos_id if tok.eos_id is not None else 0]
+    try:
+        prompt = tok.encode(args.prompt) or [tok.eos_id if tok.eos_id is not None else 0]
+    except ValueError as e:  # a character the run's tokenizer does not have
+        raise ValueError(f"--prompt {args.prompt!r} cannot be encoded: {e}") from None
     key = jax.random.key(args.seed)
     if args.stream:  # one sample at a time, each printed as its tokens arrive
         for i in range(args.num_samples):
@@ -212,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, NonFiniteLossError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"jaxllm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if str(e) != "Could not determine home directory.":  # pathlib, on "~user/..." of an unknown user
+            raise
+        print(f"jaxllm {args.command}: error: a path given starts with ~user for a user unknown here "
+              f"(Python: {e}); write that path in full", file=sys.stderr)
         return 2
     return 0
 

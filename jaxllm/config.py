@@ -38,6 +38,9 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.layer_norm_eps < float("inf"):   # negative: the sqrt of a negative variance, NaN
+            raise ValueError(f"GPTConfig.layer_norm_eps must be a finite number >= 0 (GPT-2: 1e-5), "
+                             f"got {self.layer_norm_eps}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(

@@ -14,6 +14,12 @@ from typing import Any
 
 import yaml
 
+INT_MIN, INT_MAX = -2 ** 63, 2 ** 63 - 1   # what NumPy and JAX take as an integer (a seed, a size)
+# What yaml.safe_load raises on text it cannot read: YAMLError, and from its constructors ValueError
+# ("!!int x", an integer of over 4,300 digits), AttributeError ("!!timestamp x"), OverflowError,
+# TypeError; RecursionError for deeply nested collections.
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError)
+
 
 def _fields(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -49,18 +55,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
+            number = value
+            if not isinstance(value, int):  # "1e3", 100.0 (an int is taken as it is: no float rounding)
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                number = int(f)
+            if not INT_MIN <= number <= INT_MAX:
+                raise OverflowError
+            return number
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)  # also accepts YAML 1.1 strings like "1e-3"
         if tp is str:
             return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: cannot use {value!r} as {getattr(tp, '__name__', tp)}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), float(10**400), out of range
+        whole = f" (a whole number from {INT_MIN} to {INT_MAX})" if tp is int else ""
+        raise ValueError(
+            f"config key {key!r}: cannot use {value!r} as {getattr(tp, '__name__', tp)}{whole}") from None
     return value
 
 
@@ -71,7 +84,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys: "
+            f"unknown config key(s) {[f'{prefix}{k}' for k in unknown]}; valid keys: "
             + ", ".join(valid_keys(cls, prefix)))
     kwargs = {}
     for name, value in data.items():
@@ -100,7 +113,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_iters=100)")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except YAML_ERRORS as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                             f"quote it to pass it as text, e.g. {dotted.strip()}='\"...\"'") from None
         node = data
         *parents, leaf = dotted.strip().split(".")
         for p in parents:
@@ -109,6 +126,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = value
     return data
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """The one-line gist of a YAML error (its multi-line text points into a one-line string)."""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return f"{getattr(e, 'context', None) + ': ' if getattr(e, 'context', None) else ''}{problem}"
 
 
 def _known(base: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -128,11 +151,18 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line "
+                             f"{line}: {e.reason}); save it as UTF-8") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except YAML_ERRORS as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return from_dict(cls, apply_overrides(_merge(defaults, data), list(overrides)))

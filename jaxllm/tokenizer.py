@@ -61,6 +61,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _check_unicode(text: str) -> None:
+    """A ValueError naming the first lone surrogate (a str Python holds but Unicode text cannot,
+    e.g. JSON's unpaired "\\ud800"), if `text` has one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds a lone surrogate {text[e.start]!r} at position {e.start}, which "
+                         f"is not Unicode text; write the character itself (or a surrogate pair)") from None
+
+
 def _as_id_list(ids) -> list[int]:
     return np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
 
@@ -209,7 +219,11 @@ class HFTokenizer(Tokenizer):
                     f"no tokenizer.json at {path}; pass the path of an HF tokenizer.json file "
                     f"(or a folder that holds one)"
                 )
-            backend = _tokenizers().Tokenizer.from_file(str(path))
+            try:
+                backend = _tokenizers().Tokenizer.from_file(str(path))
+            except Exception as e:  # noqa: BLE001 - the library raises a bare Exception on a bad file
+                raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e}); pass an HF "
+                                 f"tokenizer.json, a directory written by Tokenizer.save(), or gpt2") from None
         self.backend = backend
         self.eos_token = eos_token if eos_token is not None else self._guess(EOS_GUESSES)
         self.pad_token = pad_token if pad_token is not None else self._guess(PAD_GUESSES)
@@ -249,6 +263,10 @@ class HFTokenizer(Tokenizer):
         self.backend.encode_special_tokens = not allow_special
         try:
             return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the backend's answer to a str it cannot pass to Rust
+            if isinstance(text, str):
+                _check_unicode(text)
+            raise
         finally:
             self.backend.encode_special_tokens = previous
 

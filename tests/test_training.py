@@ -1,5 +1,6 @@
 """Properties of the train step, optimizer, loop, checkpoints, metrics, config files and pretraining."""
 
+import dataclasses
 import math
 
 import jax
@@ -200,6 +201,23 @@ def test_loop_stops_on_nan_naming_the_step_and_keeps_last_good_checkpoint(tmp_pa
     # the model object stays usable and holds finite trained weights (the NaN step was not applied)
     assert all(np.isfinite(a).all() for a in _params(nnx.state(model, nnx.Param)))
     assert np.isfinite(_forward(model, _fixed_batch(0)[0][0])).all()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_tokenizer_behind(tmp_path):
+    """The tokenizer is written with the first checkpoint: a NaN at step 0 leaves no half run."""
+    from jaxllm.tokenizer import CharTokenizer
+
+    loop = LoopConfig(out_dir=str(tmp_path / "run"), batch_size=B, max_iters=4, eval_interval=0, log_interval=1,
+                      ckpt_interval=2, peak_flops=1e11, tensorboard=False, progress=False)
+    with pytest.raises(NonFiniteLossError, match="at step 0"):
+        train_loop(GPT(TINY, rngs=nnx.Rngs(0)), scaled_lm_loss, lambda s: _fixed_batch(s, np.nan), optim=CONST_LR,
+                   loop=loop, meta={"model": TINY.to_dict()}, tokens_per_step=B * T,
+                   flops_per_token=TINY.flops_per_token(T), tokenizer=CharTokenizer(list("abc")))
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    train_loop(GPT(TINY, rngs=nnx.Rngs(0)), scaled_lm_loss, _fixed_batch, optim=CONST_LR,
+               loop=dataclasses.replace(loop, async_checkpoints=False), meta={"model": TINY.to_dict()},
+               tokens_per_step=B * T, flops_per_token=TINY.flops_per_token(T), tokenizer=CharTokenizer(list("abc")))
+    assert (tmp_path / "run" / "tokenizer").is_dir() and _checkpoint_steps(tmp_path / "run") == [2, 4]
 
 
 def test_resume_check_reads_old_model_configs_with_defaults_for_fields_added_since():

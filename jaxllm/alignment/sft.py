@@ -63,6 +63,12 @@ class SFTEvalConfig:
     examples: int = 400        # held-out examples scored by exact match (0: loss only)
     batch_size: int = 100      # prompts generated together
 
+    def __post_init__(self):
+        if self.examples < 0:
+            raise ValueError(f"eval.examples must be >= 0 (0: the loss only), got {self.examples}")
+        if self.batch_size <= 0:
+            raise ValueError(f"eval.batch_size must be positive, got {self.batch_size}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
@@ -222,12 +228,12 @@ def _describe(metrics: dict) -> str:
 def _scorable_records(path, format: str) -> list[dict]:
     """The held-out file's records that exact match can score (tokenizing already reported the rest)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for i, line in enumerate(f, start=1):
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
                 example_spans(record, format, source=str(path), line=i)
-            except (json.JSONDecodeError, InstructDataError):
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, InstructDataError
                 continue
             out.append(record)
     return out

@@ -295,9 +295,9 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
                      max_len: int | None = None, truncation: str = "keep_start", on_error: str = "raise",
                      eos_id: int | None = None, pad_id: int | None = None, source: str = "<records>",
                      log: Callable[[str], None] | None = print) -> InstructDataset:
-    """Records -> InstructDataset. A record is a dict, or a JSONL line (str) parsed here; its
-    1-based index is the line number in messages. ``log`` gets the stats summary whenever anything
-    was skipped, truncated or dropped (None: silent; the counts are in ``.stats`` either way)."""
+    """Records -> InstructDataset. A record is a dict, or a JSONL line (str, or UTF-8 bytes) parsed
+    here; its 1-based index is the line number in messages. ``log`` gets the stats summary whenever
+    anything was skipped, truncated or dropped (None: silent; the counts are in ``.stats`` either way)."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid formats: auto, {', '.join(FORMATS)}")
     if truncation not in TRUNCATIONS:
@@ -310,15 +310,25 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
     stats = InstructStats(source=source, format=None if format == "auto" else format)
     examples: list[TokenizedExample] = []
     for line, record in enumerate(records, start=1):
-        if isinstance(record, str) and not record.strip():
+        undecodable = None
+        if isinstance(record, bytes):
+            try:
+                record = record.decode("utf-8")
+            except UnicodeDecodeError as e:
+                undecodable = e
+        if undecodable is None and isinstance(record, str) and not record.strip():
             stats.blank += 1
             continue
         stats.lines += 1
         try:
+            if undecodable is not None:
+                e = undecodable
+                raise _FieldError(None, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start} "
+                                        f"of the line: {e.reason}); save the file as UTF-8")
             if isinstance(record, str):
                 try:
                     record = json.loads(record)
-                except json.JSONDecodeError as e:
+                except (ValueError, RecursionError) as e:  # also: too deeply nested, a 5,000-digit number
                     raise _FieldError(None, f"invalid JSON ({e})") from None
             if stats.format is None and isinstance(record, dict):
                 stats.format = _format_of(record)  # the first record fixes the file's format
@@ -352,7 +362,8 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
 def load_instruct(path, tokenizer: Tokenizer, **kwargs) -> InstructDataset:
     """Read a JSONL instruction file (see ``tokenize_records`` for the keyword arguments)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        # Iterating a file splits at newlines only (str.splitlines would also split at U+2028
-        # inside a JSON string), so line numbers match an editor's.
-        return tokenize_records((line.rstrip("\r\n") for line in f), tokenizer, source=str(path), **kwargs)
+    with path.open("rb") as f:
+        # Iterating a binary file splits at b"\n" only (str.splitlines would also split at U+2028
+        # inside a JSON string), so line numbers match an editor's; each line is decoded on its own,
+        # so a line that is not UTF-8 is a malformed record like any other (file:line, or skipped).
+        return tokenize_records((line.rstrip(b"\r\n") for line in f), tokenizer, source=str(path), **kwargs)

@@ -144,7 +144,7 @@ def resolve_targets(model: nnx.Module, target) -> dict[str, tuple[Part, ...]]:
                 re.compile(target)
             except re.error as e:
                 raise ValueError(f"peft.lora.target {target!r} is not a valid regular expression ({e})") from None
-        elif not all(isinstance(t, str) for t in target):
+        elif not isinstance(target, (list, tuple)) or not all(isinstance(t, str) for t in target):
             raise ValueError(f"peft.lora.target must be a regex string, 'all-linear' or a list of names, got {target!r}")
         chosen = {name for name in candidates if _matches(name, target)}
     if not chosen:

@@ -91,5 +91,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     val = result.evals[max(result.evals)]["val_loss"] if result.evals else None
     adapter_dir = None
     if peft_meta:
-        adapter_dir = save_adapter_dir(result.model, pathlib.Path(loop.out_dir) / ADAPTER, meta["base"]["path"])
+        # absolute: new_dir expands a leading "~", which the run's checkpoints beside it do not
+        adapter_dir = save_adapter_dir(result.model, pathlib.Path(loop.out_dir).absolute() / ADAPTER,
+                                       meta["base"]["path"])
     return FinetuneResult(result, before, val, report, adapter_dir, sample_text(result.model, ds.tokenizer, config.sample))

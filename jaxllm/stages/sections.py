@@ -59,6 +59,13 @@ class DataConfig:
     eval_batch_size: int = 64
     eval_batches: typing.Optional[int] = None  # None: the whole val split
 
+    def __post_init__(self):
+        if self.eval_batch_size <= 0:
+            raise ValueError(f"data.eval_batch_size must be positive, got {self.eval_batch_size}")
+        if self.eval_batches is not None and self.eval_batches <= 0:
+            raise ValueError(f"data.eval_batches must be positive, or null for the whole val split, "
+                             f"got {self.eval_batches}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(SamplingConfig):

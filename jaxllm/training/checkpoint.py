@@ -2,7 +2,9 @@
 (Rebuilding a model from a run directory, a PEFT run's base included, is `jaxllm.runs`.)
 
 Layout: RUN_DIR/checkpoints/<step>/{model, train, meta}. Orbax writes each step to a temporary
-directory and renames it when complete, so an interrupted save never looks like a checkpoint.
+directory and renames it when complete, so an interrupted save never looks like a checkpoint. A step
+past `keep` leaves the same way: renamed into checkpoints/.deleted/ first, deleted from there, so a
+run killed while deleting one never leaves a listed step that does not restore.
 "model" is the full parameter tree (trainable and frozen together), so a sampler restores it without
 knowing which subset a stage trained; "train" is the step and optimizer state; "meta" is JSON: model
 config, training config, data description.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -20,12 +23,20 @@ from flax import nnx
 
 from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
 
-
+# Where Orbax moves a checkpoint past max_to_keep (its todelete_subdir: one rename), to be deleted
+# from there. Not a step name, so never listed. (Deleted in place, a step killed halfway through its
+# deletion stayed listed, complete by name, with files missing: "Truncated Zstd-compressed stream".)
+DELETED = ".deleted"
 
 
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, keep: int = 3, create: bool = True):
         self.directory = pathlib.Path(run_dir).absolute() / CHECKPOINT_SUBDIR
+        if os.sep == "/" and "\\" in str(self.directory):
+            # TensorStore, which writes the arrays, reads "\" as a folder separator: the arrays would
+            # land in another folder and the checkpoint, complete in name, would never restore
+            raise ValueError(f"the run directory {str(run_dir)!r} has a backslash in its path, where "
+                             f"checkpoints cannot be written or read; choose a train.out_dir without one")
         if not create and not self.directory.is_dir():
             raise FileNotFoundError(
                 f"no checkpoints in {run_dir} (expected {self.directory}); pass the out_dir of a "
@@ -34,9 +45,11 @@ class Checkpointer:
             max_to_keep=keep, create=create,
             # Written in the background: `save` is given host copies (the loop's), never the
             # device buffers the next train step donates and overwrites.
-            enable_async_checkpointing=True)
+            enable_async_checkpointing=True, todelete_subdir=DELETED)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("model", "train", "meta"))
+        self._writer = create
+        self._purge()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -47,6 +60,7 @@ class Checkpointer:
     def save(self, step: int, model_state: nnx.State, train_state: dict[str, Any], meta: dict) -> None:
         """Start writing checkpoint `step`; it appears (complete) once written, in the background.
         Pass host arrays or arrays no later computation donates; `close` or `wait` finishes it."""
+        self._purge()
         self.manager.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
             train=ocp.args.StandardSave(train_state),
@@ -88,6 +102,15 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._purge()
+
+    def _purge(self) -> None:
+        """Delete the checkpoints Orbax has moved out of the steps (a writer's job; entry by entry,
+        as Orbax may be moving another one in)."""
+        deleted = self.directory / DELETED
+        if self._writer and deleted.is_dir():
+            for path in deleted.iterdir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _restore_target(x) -> jax.ShapeDtypeStruct:

@@ -56,6 +56,8 @@ class LoopConfig:
     seed: int = 1337
     resume: bool = False            # continue from the latest checkpoint in out_dir, if any
     overwrite: bool = False         # delete what a previous run left in out_dir instead of refusing
+    async_checkpoints: bool = True  # write checkpoints in the background (a kill during a write then
+                                    # resumes from the one before); false: each save completes first
     peak_flops: float | None = None  # for MFU; None: the device's published peak, else measured
     tensorboard: bool = True
     progress: bool = True
@@ -132,8 +134,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         state = jax.device_put(state, parallel.replicated(mesh))
         print(f"data parallel over {mesh.size} devices"
               + (f" (batch {loop.batch_size} padded to {rows} rows)" if rows != loop.batch_size else ""))
-    if tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir()):
-        write_tokenizer(tokenizer, loop.out_dir)
+    # The tokenizer is written just before this launch's first checkpoint, so a run stopped before
+    # any checkpoint (an error, a NaN at step 0) leaves nothing that looks like a run behind.
+    tokenizer_pending = tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir())
 
     step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh)
     evaluate = make_eval(graphdef, mesh) if make_eval is not None else None
@@ -224,10 +227,15 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                 eval_seconds += time.perf_counter() - paused
             if do_ckpt:
                 t_ckpt = time.perf_counter()
+                if tokenizer_pending:
+                    write_tokenizer(tokenizer, loop.out_dir)
+                    tokenizer_pending = False
                 model_state = (nnx.merge_state(state.trainable, state.frozen) if checkpoint_frozen
                                else state.trainable)
                 ckpt.save(done, _host_copy(model_state),
                           _host_copy({"step": state.step, "opt_state": state.opt_state}), meta)
+                if not loop.async_checkpoints:
+                    ckpt.wait()
                 checkpoint_seconds += time.perf_counter() - t_ckpt
             window["start"] += time.perf_counter() - paused   # eval and checkpoints are not throughput
         drain()

@@ -20,6 +20,17 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0          # 0 disables clipping
 
+    def __post_init__(self):
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+
 
 def lr_schedule(c: OptimConfig):
     """nanoGPT's schedule: linear warmup to lr at `warmup_iters`, cosine to `min_lr`, then flat.
@@ -28,11 +39,12 @@ def lr_schedule(c: OptimConfig):
     """
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = c.learning_rate * (step + 1) / (c.warmup_iters + 1)
-        span = max(c.lr_decay_iters - c.warmup_iters, 1)
-        ratio = jnp.clip((step - c.warmup_iters) / span, 0.0, 1.0)
+        # float constants: a Python int beyond int32 (lr_decay_iters=10**10) cannot enter jit as one
+        warmup, span = float(c.warmup_iters), float(max(c.lr_decay_iters - c.warmup_iters, 1))
+        warm = c.learning_rate * (step + 1) / (warmup + 1)
+        ratio = jnp.clip((step - warmup) / span, 0.0, 1.0)
         cosine = c.min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (c.learning_rate - c.min_lr)
-        return jnp.where(step < c.warmup_iters, warm, cosine)
+        return jnp.where(step < warmup, warm, cosine)
     return schedule
 
 

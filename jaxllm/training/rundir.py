@@ -39,7 +39,8 @@ def clear_run_dir(out_dir: str | os.PathLike) -> None:
 
 def write_tokenizer(tokenizer, out_dir: str | os.PathLike) -> pathlib.Path:
     """Save `tokenizer` as RUN_DIR/tokenizer in one swap: a reader sees the old or the new one whole."""
-    target = pathlib.Path(out_dir) / TOKENIZER
+    # absolute: new_dir expands a leading "~", which the checkpoints and metrics beside it do not
+    target = pathlib.Path(out_dir).absolute() / TOKENIZER
     with new_dir(target, overwrite=True) as tmp:
         tokenizer.save(tmp)
     return target
