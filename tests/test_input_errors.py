@@ -249,3 +249,10 @@ def test_a_checkpoint_whose_deletion_stops_halfway_is_no_longer_listed(tmp_path,
 def test_optimizer_settings_out_of_range_are_refused_not_trained_with(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(PretrainConfig, None, [override])
+
+
+def test_an_empty_text_source_is_named_not_read_as_the_current_folder(tmp_path):
+    from jaxllm.data import load_text
+
+    with pytest.raises(FileNotFoundError, match="the text source is empty"):
+        load_text("")

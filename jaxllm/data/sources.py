@@ -59,6 +59,9 @@ def _decode_utf8(data: bytes, where: str) -> str:
 
 def _expand_path(item: str | os.PathLike) -> list[Path]:
     """A file, every *.txt under a folder, or a glob's matches, in a stable order."""
+    if not str(item).strip():
+        raise FileNotFoundError("the text source is empty: give a file, a folder of *.txt, a glob, "
+                                "'shakespeare' or tfds:NAME (data.source / --source)")
     path = Path(item).expanduser()
     if path.is_file():
         return [path]
