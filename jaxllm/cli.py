@@ -1,4 +1,4 @@
-"""`jaxllm <command>`: prepare | pretrain | lora | sft | sample | export-hf."""
+"""`jaxllm <command>`: prepare | pretrain | lora | sft | reward | dpo | sample | export-hf."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 # OSError: what the system says of a path given (too long a name, a file where a folder goes, ...)
 USER_ERRORS = (ValueError, OSError, KeyError)
+STAGES = ("pretrain", "lora", "sft", "reward", "dpo")   # commands that take a YAML file and key=value settings
 
 
 def _cmd_prepare(args) -> None:
@@ -84,6 +85,31 @@ def _cmd_sft(args) -> None:
         if "exact_match" in metrics:
             tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("exact_match/"))
             print(f"held-out exact match {name}: {metrics['exact_match']:.1%} ({tasks})")
+
+
+def _print_pairs(name, result) -> None:
+    for when, metrics in (("before", result.before), ("after", result.after)):
+        shown = {k: v for k, v in metrics.items() if k in ("val_loss", "accuracy", "margin", "rewards/accuracies",
+                                                           "rewards/margins", "rewards/chosen", "rewards/rejected")}
+        print(f"held-out {name} {when}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+
+
+def _cmd_reward(args) -> None:
+    from jaxllm.alignment.reward import RewardConfig, run_reward
+
+    config = _stage_config(RewardConfig, args)
+    result = run_reward(config)
+    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
+    _print_pairs("pairs", result)
+
+
+def _cmd_dpo(args) -> None:
+    from jaxllm.alignment.dpo import DPOConfig, run_dpo
+
+    config = _stage_config(DPOConfig, args)
+    result = run_dpo(config)
+    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
+    _print_pairs("pairs", result)
 
 
 def _cmd_sample(args) -> None:
@@ -176,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     pf.set_defaults(func=_cmd_sft)
 
+    pr = sub.add_parser("reward", help="train a reward model on preference pairs (init.path= an SFT run or HF dir)")
+    pr.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. init.path=runs/sft "
+                                                "data.train_file=pairs.jsonl data.eval_file=held.jsonl")
+    pr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pr.set_defaults(func=_cmd_reward)
+
+    pd = sub.add_parser("dpo", help="direct preference optimization (init.path= an SFT run or HF dir)")
+    pd.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. init.path=runs/sft "
+                                                "data.train_file=pairs.jsonl data.eval_file=held.jsonl dpo.beta=0.1")
+    pd.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pd.set_defaults(func=_cmd_dpo)
+
     ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
     ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")
     ps.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -205,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args so `key=value` overrides may also follow options like --resume
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("pretrain", "lora", "sft") or any(e.startswith("-") for e in extra):
+        if args.command not in STAGES or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.settings += extra
     from jaxllm import parallel

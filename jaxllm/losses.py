@@ -25,6 +25,21 @@ def cross_entropy_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
     return jnp.sum(jnp.where(counted_N, nll_N, 0.0)), jnp.sum(counted_N).astype(jnp.float32)
 
 
+def label_logps(logits_BTV: jax.Array, labels_BT: jax.Array,
+                ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+    """Per row: (sum of log p(labels[t + 1] | tokens <= t) over labelled positions, their count).
+
+    The shift is done here (labels are the input ids, -100 where not a target), as in
+    `next_token_loss`; this is a sequence's log-likelihood under the model (DPO, PPO)."""
+    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+    targets_BT = labels_BT[:, 1:]
+    counted_BT = targets_BT != ignore_index
+    safe_BT = jnp.where(counted_BT, targets_BT, 0)
+    picked_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    logp_BT = picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+    return jnp.sum(jnp.where(counted_BT, logp_BT, 0.0), axis=1), jnp.sum(counted_BT, axis=1).astype(jnp.float32)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                   ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """Mean cross-entropy over counted tokens; targets already aligned (nanoGPT's x/y batches)."""

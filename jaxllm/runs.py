@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
+from jaxllm.heads import HeadParam, RewardModel
 from jaxllm.interop.hf import from_hf, to_hf
 from jaxllm.model import GPT
 from jaxllm.peft import LoRA, PeftParam, merge, peft_modules
@@ -37,16 +38,17 @@ from jaxllm.training.rundir import CHECKPOINTS, TOKENIZER
 
 def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
     """(model, config, tokenizer or None, meta) from a training run's directory: needs nothing else
-    (a PEFT run also needs its base, where its metadata says it is)."""
+    (a PEFT run also needs its base, where its metadata says it is). The model is a GPT, or for a
+    reward-model run (meta["head"] == "reward") a `jaxllm.heads.RewardModel`."""
     ckpt = Checkpointer(run_dir, create=False)
     try:
         meta = ckpt.read_meta(step)
         cfg = GPTConfig.from_dict(meta["model"])
-        if meta.get("base"):  # only the PEFT weights were saved: base + fresh PEFT, then restore those
-            model = _peft_model(meta, run_dir)
-            nnx.update(model, ckpt.restore_model(nnx.state(model, PeftParam), step))
+        if meta.get("base"):  # only the tuned weights were saved: base + fresh PEFT (+ head), then those
+            model = with_head(_peft_model(meta, run_dir), meta.get("head"))
+            nnx.update(model, ckpt.restore_model(nnx.state(model, nnx.Any(PeftParam, HeadParam)), step))
         else:
-            model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+            model = nnx.eval_shape(lambda: with_head(GPT(cfg, rngs=nnx.Rngs(0)), meta.get("head")))
             graphdef, abstract = nnx.split(model)
             model = nnx.merge(graphdef, ckpt.restore_model(abstract, step))
     finally:
@@ -54,6 +56,15 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
     tok_dir = pathlib.Path(run_dir) / TOKENIZER
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
     return model, cfg, tokenizer, meta
+
+
+def with_head(gpt: GPT, head: str | None):
+    """The model a run trains around its GPT: the GPT itself, or a RewardModel with a fresh head."""
+    if head is None:
+        return gpt
+    if head == "reward":
+        return RewardModel(trunk=gpt, rngs=nnx.Rngs(0))
+    raise ValueError(f"unknown model head {head!r} in the run's metadata; this jaxllm knows 'reward'")
 
 
 def _peft_model(meta: dict, run_dir):
@@ -175,10 +186,10 @@ def _sums(leaves):
 
 
 def weights_fingerprint(model) -> list[float]:
-    """The sum and the sum of squares of each base weight (PEFT weights left out), in state order:
+    """The sum and the sum of squares of each base weight (PEFT weights and heads left out), in state order:
     a few numbers that tell whether a base model's files still hold the weights a PEFT run was
     trained on. Compare with `same_base_weights`."""
-    leaves = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(PeftParam))))
+    leaves = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(PeftParam), nnx.Not(HeadParam))))
     return [float(v) for v in jax.device_get(_sums(leaves)).reshape(-1)]
 
 

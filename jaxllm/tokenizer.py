@@ -464,6 +464,26 @@ def load_tokenizer(spec) -> Tokenizer:
     )
 
 
+_PROBE = "Hello, world! The quick brown fox: 12,345 jumps.\n\tnaïve café 東京 <|endoftext|>"
+
+
+def tokenizer_differences(a: Tokenizer, b: Tokenizer) -> list[str]:
+    """How two tokenizers differ ([] when they encode alike): kind, sizes, special ids, and the ids
+    of a probe text that exercises words, digits, whitespace, non-ASCII and a special token's text."""
+    out = [f"{name} {x!r} vs {y!r}" for name, x, y in (
+        ("kind", a.kind, b.kind), ("vocab_size", a.vocab_size, b.vocab_size), ("eos_id", a.eos_id, b.eos_id),
+        ("pad_id", a.pad_id, b.pad_id)) if x != y]
+    if not out:
+        def ids(tok):
+            try:
+                return tok.encode(_PROBE)
+            except ValueError:   # a char vocabulary without some of the probe's characters
+                return tok.encode("".join(c for c in _PROBE if c in getattr(tok, "_stoi", {})))
+        if ids(a) != ids(b):
+            out.append("the same text encodes to other ids")
+    return out
+
+
 def build_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = None, path=None) -> Tokenizer:
     """Build ("char", "bpe": from ``text``) or open ("gpt2", "hf": from ``path``) a tokenizer."""
     if kind == "char":

@@ -57,6 +57,7 @@ ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("keep_start", "drop")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ASSISTANT_TAG = "<|assistant|>\n"     # opens an assistant turn of the chat template
 MAX_REASONS = 5                      # skip reasons kept in the stats (the count is always exact)
 
 Spans = list[tuple[str, bool]]
@@ -144,27 +145,33 @@ def _format_of(record: dict) -> str:
     return fmt
 
 
-def _chat_spans(record: dict) -> Spans:
-    if "messages" not in record:
-        raise _FieldError("messages", "missing field")
-    messages = record["messages"]
+def chat_spans(messages, field: str = "messages", train_assistant: bool = True) -> Spans:
+    """The chat template's spans of a list of {role, content} messages; assistant contents are
+    trainable when `train_assistant` (a preference prompt's earlier turns are context only)."""
     if not isinstance(messages, list) or not messages:
-        raise _FieldError("messages", f"expected a non-empty list of {{role, content}} objects, "
-                                      f"got {type(messages).__name__}")
+        raise _FieldError(field, f"expected a non-empty list of {{role, content}} objects, "
+                                 f"got {type(messages).__name__}")
     spans: Spans = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise _FieldError(f"messages[{i}]", f"expected an object, got {type(msg).__name__}")
+            raise _FieldError(f"{field}[{i}]", f"expected an object, got {type(msg).__name__}")
         try:
             role, content = _text(msg, "role"), _text(msg, "content")
         except _FieldError as e:
-            raise _FieldError(f"messages[{i}].{e.field}", e.problem) from None
+            raise _FieldError(f"{field}[{i}].{e.field}", e.problem) from None
         if role not in ROLES:
-            raise _FieldError(f"messages[{i}].role", f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+            raise _FieldError(f"{field}[{i}].role", f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
         if role == "assistant":
-            spans += [("<|assistant|>\n", False), (content, True)]
+            spans += [(ASSISTANT_TAG, False), (content, train_assistant)]
         else:
             spans.append((f"<|{role}|>\n{content}\n", False))
+    return spans
+
+
+def _chat_spans(record: dict) -> Spans:
+    if "messages" not in record:
+        raise _FieldError("messages", "missing field")
+    spans = chat_spans(record["messages"])
     if not any(trainable for _, trainable in spans):
         raise _FieldError("messages", "no assistant message: nothing to train on")
     return spans

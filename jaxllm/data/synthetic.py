@@ -27,11 +27,12 @@ import hashlib
 import string
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jaxllm.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, encode_spans,
                                   example_spans, generation_split, resolve_special_ids, sft_char_tokenizer)
-from jaxllm.sampling import cut_at_eos, generate
+from jaxllm.sampling import SamplingConfig, cut_at_eos, generate
 from jaxllm.tokenizer import CharTokenizer, Tokenizer
 
 TASKS = ("add", "reverse", "sort", "map")
@@ -179,12 +180,16 @@ class ExactMatchReport:
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 
 
-def greedy_generate_fn(model, eos_id: int, pad_id: int, batch_size: int = 32) -> GenerateFn:
-    """(prompts, max_new_tokens) -> new ids per prompt, greedy, through ``jaxllm.sampling.generate``.
+def greedy_generate_fn(model, eos_id: int, pad_id: int, batch_size: int = 32, sampling=None,
+                       key=None) -> GenerateFn:
+    """(prompts, max_new_tokens) -> new ids per prompt through ``jaxllm.sampling.generate``: greedy,
+    or with ``sampling`` (a SamplingConfig) and ``key`` (batch i draws with fold_in(key, i)).
 
     All prompts are left-padded to one width and every batch has ``batch_size`` rows (the last is
     filled with copies), so the decode loop compiles once; padding takes no position or attention,
     so a row's tokens are what it would get alone."""
+    sampling = sampling if sampling is not None else SamplingConfig(temperature=0.0)
+    key = key if key is not None else jax.random.key(0)
 
     def run(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         B, P = min(batch_size, len(prompts)), max(len(p) for p in prompts)
@@ -196,8 +201,8 @@ def greedy_generate_fn(model, eos_id: int, pad_id: int, batch_size: int = 32) ->
             real_BP = np.zeros((B, P), bool)
             for b, p in enumerate(rows):
                 tokens_BP[b, P - len(p):], real_BP[b, P - len(p):] = p, True
-            out = generate(model, tokens_BP, max_new_tokens, temperature=0.0, eos_id=eos_id,
-                           pad_id=pad_id, prompt_mask=real_BP)
+            out = generate(model, tokens_BP, max_new_tokens, sampling, eos_id=eos_id, pad_id=pad_id,
+                           prompt_mask=real_BP, key=jax.random.fold_in(key, start))
             new_ids += np.asarray(out)[:len(chunk), P:].tolist()
         return new_ids
 
@@ -231,3 +236,58 @@ def exact_match(model, tokenizer: Tokenizer, examples: Sequence[dict], *, format
     counts = {t: tasks.count(t) for t in dict.fromkeys(tasks)}
     per_task = {t: sum(h for h, tt in zip(hits, tasks) if tt == t) / n for t, n in counts.items()}
     return ExactMatchReport(sum(hits) / len(hits), per_task, counts, predictions)
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+@dataclasses.dataclass
+class PairStats:
+    prompts: int = 0          # prompts sampled
+    samples: int = 0          # completions drawn
+    correct: int = 0          # completions equal to the exact answer
+    pairs: int = 0            # pairs made (one per prompt with a correct and an incorrect sample)
+    all_correct: int = 0      # prompts left out: no incorrect sample
+    none_correct: int = 0     # prompts left out: no correct sample
+
+
+def sample_preference_pairs(model, tokenizer: Tokenizer, records: Sequence[dict], *, samples: int = 8,
+                            temperature: float = 1.0, format: str = "auto", batch_size: int = 64,
+                            eos_id: int | None = None, pad_id: int | None = None, seed: int = 0,
+                            max_new_tokens: int | None = None) -> tuple[list[dict], PairStats]:
+    """Preference pairs from a policy's own samples, labelled by the tasks' exact answers.
+
+    For each record's prompt, `samples` completions are drawn at `temperature`; the first correct
+    one (decoded text equal to the record's response) is chosen and the first incorrect one
+    rejected. Prompts whose samples are all correct or all incorrect give no pair (counted). Pairs
+    are TRL preference records {"prompt", "chosen", "rejected", "task"}, the prompt as the model
+    saw it, for ``jaxllm.data.preference``."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to find a correct and an incorrect answer, got {samples}")
+    eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
+    prompts, targets, texts = [], [], []
+    for i, ex in enumerate(records, start=1):
+        spans = example_spans(ex, format, source="<records>", line=i)
+        prompt_spans, target = generation_split(spans)
+        prompts.append(encode_spans(prompt_spans, tokenizer, eos)[0])
+        targets.append(target)
+        texts.append("".join(t for t, _ in prompt_spans))
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(t)) for t in targets) + 1
+    run = greedy_generate_fn(model, eos, pad, batch_size, SamplingConfig(temperature=temperature),
+                             jax.random.key(seed))
+    drawn = run([p for p in prompts for _ in range(samples)], max_new_tokens)
+    stats, pairs = PairStats(prompts=len(prompts), samples=len(drawn)), []
+    for i, (ex, target) in enumerate(zip(records, targets)):
+        outs = [tokenizer.decode(cut_at_eos(ids, eos)) for ids in drawn[i * samples:(i + 1) * samples]]
+        good = [o for o in outs if o == target]
+        bad = [o for o in outs if o != target and o]   # an empty answer is no response to prefer against
+        stats.correct += len(good)
+        if not bad:
+            stats.all_correct += 1
+        elif not good:
+            stats.none_correct += 1
+        else:
+            pairs.append({"prompt": texts[i], "chosen": good[0], "rejected": bad[0], "task": ex.get("task", "all")})
+    stats.pairs = len(pairs)
+    return pairs, stats

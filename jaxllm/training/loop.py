@@ -68,6 +68,9 @@ class LoopConfig:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
+_STEP_METRICS = ("loss", "lr", "grad_norm", "tokens", "finite")   # what every step reports
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -92,7 +95,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                trainable=nnx.Param, tokens_per_step: int, flops_per_token: float,
                tokenizer=None, checkpoint_frozen: bool = True,
                check_resume: Callable[[dict, Any], None] | None = None,
-               pad_values=None) -> TrainResult:
+               pad_values=None, constants=None) -> TrainResult:
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
     If the run stops early (KeyboardInterrupt, NonFiniteLossError), `model` still holds the
@@ -107,6 +110,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     With checkpoint_frozen=False, checkpoints hold only the `trainable` weights (LoRA, adapters):
     the frozen base is rebuilt from where `meta["base"]` says it came from.
     check_resume(saved_meta, where) may refuse to resume a run (the model config is checked here).
+    `constants` (arrays neither trained nor checkpointed, e.g. a frozen reference model's weights)
+    reach the loss as its fourth argument (see jaxllm.training.step). Metrics the loss returns
+    besides its sum are logged with the loss.
     """
     optimizer = make_optimizer(optim)
     mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
@@ -132,6 +138,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
     if mesh is not None:  # placed once; the step's outputs keep this placement
         state = jax.device_put(state, parallel.replicated(mesh))
+        if constants is not None:
+            constants = jax.device_put(constants, parallel.replicated(mesh))
         print(f"data parallel over {mesh.size} devices"
               + (f" (batch {loop.batch_size} padded to {rows} rows)" if rows != loop.batch_size else ""))
     # The tokenizer is written just before this launch's first checkpoint, so a run stopped before
@@ -187,7 +195,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * window["steps"] / max(now - window["start"], 1e-9)
             record = {"loss": losses[s], "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                      "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak)}
+                      "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak),
+                      **{k: float(v) for k, v in m.items() if k not in _STEP_METRICS}}
             writer.write(s + 1, record)
             bar.set_postfix(loss=f"{losses[s]:.4f}", val=last_eval, tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{record['mfu']:.1%}", refresh=False)
@@ -200,7 +209,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             if it + 1 < loop.max_iters:  # built while this step runs
                 next_batch = prefetch.submit(make_batch, it + 1)
             with _interrupt_after_binding():  # Ctrl-C here must not lose the donated state
-                state, metrics = step_fn(state, batch, base_key)
+                state, metrics = step_fn(state, batch, base_key, constants)
             pending.append((it, metrics))
             if it == start:  # compilation dominates the first step: not a throughput sample
                 jax.block_until_ready(metrics)

@@ -1,7 +1,14 @@
 """The train state and the pure, jitted train/eval steps every training stage shares.
 
-A stage supplies only `loss_fn(model, batch, key) -> (loss_sum, token_count)`; this file turns it
-into one compiled step with gradient accumulation, clipping, the optimizer update and a NaN guard.
+A stage supplies only `loss_fn(model, batch, key) -> (loss_sum, count)`; this file turns it into one
+compiled step with gradient accumulation, clipping, the optimizer update and a NaN guard.
+
+A loss may also return a third item, a dict of metric sums over the same items as `count` (e.g.
+DPO's rewards/margins summed over pairs): the step reports each divided by the total count, except
+names starting with "min_" / "max_", which hold a minimum / maximum and are reduced as such. A
+stage whose loss needs arrays that are neither trained nor checkpointed (a frozen reference model's
+weights) passes them as `constants`: an argument of the compiled step, then
+`loss_fn(model, batch, key, constants)`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,22 @@ from flax import nnx
 from jaxllm import parallel
 from jaxllm.losses import IGNORE_INDEX, cross_entropy_sum
 
-LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array]]
+LossFn = Callable[..., tuple]   # (model, batch, key[, constants]) -> (loss_sum, count[, metric sums])
+
+
+def metric_reduction(name: str):
+    """How a metric sum combines over micro-batches: min, max, or a sum."""
+    return jnp.minimum if name.startswith("min_") else jnp.maximum if name.startswith("max_") else jnp.add
+
+
+def _finish(aux: dict, count) -> dict:
+    """Metric sums -> means over `count` (minima and maxima as they are)."""
+    return {k: v if k.startswith(("min_", "max_")) else v / count for k, v in aux.items()}
+
+
+def _call(loss_fn, model, batch, key, constants):
+    out = loss_fn(model, batch, key) if constants is None else loss_fn(model, batch, key, constants)
+    return out if len(out) == 3 else (*out, {})
 
 
 class TrainState(NamedTuple):
@@ -61,30 +83,36 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     next checkpoint, so a NaN never reaches one.
     """
 
-    def sum_loss(trainable, frozen, micro_batch, key):
+    def sum_loss(trainable, frozen, micro_batch, key, constants):
         model = nnx.merge(graphdef, trainable, frozen)
-        return loss_fn(model, micro_batch, key)
+        loss_sum, count, aux = _call(loss_fn, model, micro_batch, key, constants)
+        return loss_sum, (count, aux)
 
     grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-    def step(state: TrainState, batch, key):
+    def step(state: TrainState, batch, key, constants=None):
         accum = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(key, state.step), accum)
 
         def micro(carry, inputs):
-            grads_acc, loss_acc, count_acc = carry
+            grads_acc, loss_acc, count_acc, aux_acc = carry
             micro_batch, k = inputs
-            (loss_sum, count), grads = grad_fn(state.trainable, state.frozen, micro_batch, k)
+            (loss_sum, (count, aux)), grads = grad_fn(state.trainable, state.frozen, micro_batch, k, constants)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+            aux_acc = {name: metric_reduction(name)(aux_acc[name], v) for name, v in aux.items()}
+            return (grads_acc, loss_acc + loss_sum, count_acc + count, aux_acc), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        if accum == 1:  # skip the scan so XLA sees one straight-line program
-            carry, _ = micro(carry, (jax.tree.map(lambda a: a[0], batch), keys[0]))
+        first = jax.tree.map(lambda a: a[0], batch)
+        if accum == 1:  # no scan: XLA sees one straight-line program
+            (loss_sum, (count, aux)), grads = grad_fn(state.trainable, state.frozen, first, keys[0], constants)
         else:
-            carry, _ = jax.lax.scan(micro, carry, (batch, keys))
-        grads, loss_sum, count = carry
+            # the metric sums' structure, from an abstract evaluation (no compute, no second copy)
+            aux_shape = jax.eval_shape(lambda: sum_loss(state.trainable, state.frozen, first, keys[0], constants)[1][1])
+            aux0 = {name: jnp.full(a.shape, jnp.inf if name.startswith("min_") else -jnp.inf
+                                   if name.startswith("max_") else 0.0, jnp.float32) for name, a in aux_shape.items()}
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0)
+            (grads, loss_sum, count, aux), _ = jax.lax.scan(micro, carry, (batch, keys))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss_sum / count
@@ -100,7 +128,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         # The update runs inside the cond's branch, so the donated buffers are updated in place;
         # a select between old and new state would make XLA copy every optimizer buffer.
         new_state = jax.lax.cond(ok, apply, lambda state, grads: state, state, grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
+        metrics = {**_finish(aux, count), "loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         return new_state, metrics
@@ -110,19 +138,22 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
-def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None):
-    """Returns eval(state, batch) -> (loss_sum, count) with no dropout, jitted.
+def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None, constants=None):
+    """Returns eval(state, batch) -> what loss_fn returns (loss_sum, count[, metric sums]) with no
+    dropout, jitted.
 
     With a `mesh`, batch rows (axis 0) are split across its devices."""
 
-    def evaluate(trainable, frozen, batch):
+    def evaluate(trainable, frozen, batch, constants):
         model = nnx.merge(graphdef, trainable, frozen)
-        return loss_fn(model, batch, None)
+        return loss_fn(model, batch, None) if constants is None else loss_fn(model, batch, None, constants)
 
     jitted = jax.jit(evaluate)
     if mesh is None:
-        return lambda state, batch: jitted(state.trainable, state.frozen, batch)
-    return lambda state, batch: jitted(state.trainable, state.frozen, parallel.shard_batch(batch, mesh, 0))
+        return lambda state, batch: jitted(state.trainable, state.frozen, batch, constants)
+    if constants is not None:   # beside the state, on every device of the mesh
+        constants = jax.device_put(constants, parallel.replicated(mesh))
+    return lambda state, batch: jitted(state.trainable, state.frozen, parallel.shard_batch(batch, mesh, 0), constants)
 
 
 def mask_rows(y_BT, row_mask_B):
