@@ -61,6 +61,24 @@ def test_dpo_loss_matches_a_hand_computation(loss_type):
     assert float(m["rewards/accuracies"]) == pytest.approx(np.mean(delta > 0))
 
 
+def test_dpo_sft_term_is_the_chosen_tokens_mean_nll_and_ignores_padding_pairs():
+    """sft_weight adds w * (-sum of chosen log-probs / chosen token count) over the batch; padding
+    pairs (weight 0, no tokens, log-prob 0) change neither the DPO part nor the SFT part."""
+    from jaxllm.alignment.dpo import dpo_per_pair
+    pc, pr, rc, rr, lc, lr = (x.astype(np.float64) for x in _random_logps())
+    w_sft, beta = 0.5, 0.3
+    plain, _ = dpo_loss(pc, pr, rc, rr, beta=beta)
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=beta, chosen_lengths=lc, sft_weight=w_sft)
+    np.testing.assert_allclose(float(loss), float(plain) - w_sft * pc.sum() / lc.sum(), rtol=1e-6)
+    pad = lambda x: np.concatenate([x, np.zeros(3)])   # noqa: E731
+    weight = pad(np.ones_like(pc))
+    per_pair, _ = dpo_per_pair(pad(pc), pad(pr), pad(rc), pad(rr), beta=beta, chosen_lengths=pad(lc),
+                               rejected_lengths=pad(lr), sft_weight=w_sft, weight=weight)
+    np.testing.assert_allclose(float(np.sum(per_pair * weight) / weight.sum()), float(loss), rtol=1e-6)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, rc, rr, sft_weight=w_sft)
+
+
 def test_dpo_loss_at_policy_equal_to_reference_is_ln2():
     pc, pr, _, _, _, _ = _random_logps()
     loss, m = dpo_loss(pc, pr, pc, pr)
@@ -105,10 +123,12 @@ def _trl_or_skip():
     return pytest.importorskip("trl", reason="TRL parity needs the torch extra (pip install -e '.[torch]')")
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
-def test_dpo_loss_and_metrics_equal_trls_dpo_trainer_code(loss_type):
+@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.0),
+                                                   ("sigmoid", 0.7), ("ipo", 0.3)])
+def test_dpo_loss_and_metrics_equal_trls_dpo_trainer_code(loss_type, sft_weight):
     """TRL's DPOTrainer._compute_loss fed the same per-token log-probs (a stub model returns them)
-    and precomputed reference log-probs: loss and every logged metric agree to 1e-6."""
+    and precomputed reference log-probs: loss and every logged metric agree to 1e-6. sft_weight w
+    is TRL's loss_type=[type, "sft"] with loss_weights=[1, w]."""
     trl = _trl_or_skip()
     import torch
     B, T = 5, 12
@@ -125,8 +145,9 @@ def test_dpo_loss_and_metrics_equal_trls_dpo_trainer_code(loss_type):
     model = types.SimpleNamespace(training=True)
     trainer = trl.DPOTrainer.__new__(trl.DPOTrainer)
     trainer.__dict__.update(model=model, accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-                            precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                            loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+                            precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                            loss_types=[loss_type] + (["sft"] if sft_weight else []),
+                            loss_weights=[1.0] + ([sft_weight] if sft_weight else []), beta=beta, label_smoothing=eps, use_weighting=False,
                             _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "attention_mask": torch.ones(2 * B, T),
               "completion_mask": completion_mask, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
@@ -136,7 +157,7 @@ def test_dpo_loss_and_metrics_equal_trls_dpo_trainer_code(loss_type):
     counts = completion_mask.sum(1).numpy().astype(np.float64)
     loss, metrics = dpo_loss(logps[:B], logps[B:], ref[:B].numpy(), ref[B:].numpy(), beta=beta,
                              loss_type=loss_type, label_smoothing=eps, chosen_lengths=counts[:B],
-                             rejected_lengths=counts[B:])
+                             rejected_lengths=counts[B:], sft_weight=sft_weight)
     np.testing.assert_allclose(float(loss), float(trl_loss), rtol=1e-6)
     for name, value in metrics.items():
         np.testing.assert_allclose(float(value), trainer._metrics["train"][name][0], rtol=1e-6, atol=1e-7,

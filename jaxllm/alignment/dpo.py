@@ -12,6 +12,12 @@ TRL's DPOTrainer (v1.16), on delta = (chosen log-ratio) - (rejected log-ratio):
 - robust:  (-(1 - eps) log sigmoid(beta delta) + eps log sigmoid(-beta delta)) / (1 - 2 eps), eps =
            label_smoothing, the probability that a preference label is flipped, in [0, 0.5)
 
+`sft_weight` w > 0 adds w times the chosen responses' negative log-likelihood, averaged over their
+tokens in the batch: TRL's loss_type=["<type>", "sft"] with loss_weights=[1, w] (RPO, Pang et al.,
+2024). Pure DPO only asks the chosen response to gain on the rejected one, and both often lose
+probability (the mass goes to answers in neither): when the chosen responses are the right answers,
+the likelihood term keeps them likely.
+
 Metrics carry TRL's names: rewards/chosen, rewards/rejected (beta x log-ratio, means over pairs),
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (summed over response tokens).
 Chosen rewards often fall while the margin rises: the model moves mass off both responses, more
@@ -57,8 +63,11 @@ REFERENCES = ("auto", "adapter_off", "copy", "precomputed")
 
 def dpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
                  beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 chosen_lengths=None, rejected_lengths=None) -> tuple[jax.Array, dict]:
-    """(loss per pair (B,), metrics per pair {name: (B,)}); see the module docstring."""
+                 chosen_lengths=None, rejected_lengths=None, sft_weight: float = 0.0,
+                 weight=None) -> tuple[jax.Array, dict]:
+    """(loss per pair (B,), metrics per pair {name: (B,)}); see the module docstring. `weight` (B,)
+    marks the real pairs (1) among padding ones (0): the SFT term's per-token mean counts only
+    those, and a pair's share is scaled so the weighted mean over pairs is that token mean."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -81,6 +90,12 @@ def dpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
         eps = label_smoothing
         losses = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
                   + eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
+    if sft_weight:
+        if chosen_lengths is None:
+            raise ValueError("sft_weight averages the chosen responses' log-probs over their tokens: pass chosen_lengths")
+        w = jnp.ones_like(policy_chosen_logps) if weight is None else weight
+        tokens = jnp.maximum(jnp.sum(chosen_lengths * w), 1.0)
+        losses = losses - sft_weight * policy_chosen_logps * (jnp.sum(w) / tokens)
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
     metrics = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
@@ -93,12 +108,12 @@ def dpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_lengths=None, rejected_lengths=None) -> tuple[jax.Array, dict]:
+             chosen_lengths=None, rejected_lengths=None, sft_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """(mean loss over the pairs, metrics averaged over the pairs), as TRL's DPOTrainer computes them."""
     losses, metrics = dpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps, beta=beta, loss_type=loss_type,
                                    label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
-                                   rejected_lengths=rejected_lengths)
+                                   rejected_lengths=rejected_lengths, sft_weight=sft_weight)
     return jnp.mean(losses), {k: jnp.mean(v) for k, v in metrics.items()}
 
 
@@ -118,6 +133,7 @@ class DPOSection:
     beta: float = 0.1
     loss_type: str = "sigmoid"             # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0           # robust: the probability a label is flipped, in [0, 0.5)
+    sft_weight: float = 0.0                # > 0: plus this times the chosen tokens' NLL (RPO; TRL's "sft" loss)
     reference: str = "auto"                # auto | adapter_off | copy | precomputed (see the module docstring)
     disable_dropout: bool = True           # as TRL: the policy's log-probs without dropout
 
@@ -130,6 +146,8 @@ class DPOSection:
             raise ValueError(f"dpo.beta must be a positive number, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.sft_weight < float("inf"):
+            raise ValueError(f"dpo.sft_weight must be a number >= 0, got {self.sft_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +200,8 @@ def dpo_loss_fn(section: DPOSection, reference: str, ref_graphdef=None):
         B = batch.weight.shape[0]
         losses, metrics = dpo_per_pair(logps[:B], logps[B:], ref[:B], ref[B:], beta=section.beta,
                                        loss_type=section.loss_type, label_smoothing=section.label_smoothing,
-                                       chosen_lengths=counts[:B], rejected_lengths=counts[B:])
+                                       chosen_lengths=counts[:B], rejected_lengths=counts[B:],
+                                       sft_weight=section.sft_weight, weight=batch.weight)
         w = batch.weight
         return jnp.sum(losses * w), jnp.sum(w), {k: jnp.sum(v * w) for k, v in metrics.items()}
     return loss_fn

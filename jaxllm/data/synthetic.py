@@ -244,26 +244,32 @@ def exact_match(model, tokenizer: Tokenizer, examples: Sequence[dict], *, format
 @dataclasses.dataclass
 class PairStats:
     prompts: int = 0          # prompts sampled
-    samples: int = 0          # completions drawn
+    samples: int = 0          # completions drawn (the greedy one included)
     correct: int = 0          # completions equal to the exact answer
-    pairs: int = 0            # pairs made (one per prompt with a correct and an incorrect sample)
-    all_correct: int = 0      # prompts left out: no incorrect sample
-    none_correct: int = 0     # prompts left out: no correct sample
+    greedy_correct: int = 0   # prompts whose greedy answer is correct
+    pairs: int = 0            # pairs made
+    all_correct: int = 0      # prompts left out: no incorrect answer
+    none_correct: int = 0     # prompts left out: no correct answer
 
 
 def sample_preference_pairs(model, tokenizer: Tokenizer, records: Sequence[dict], *, samples: int = 8,
-                            temperature: float = 1.0, format: str = "auto", batch_size: int = 64,
-                            eos_id: int | None = None, pad_id: int | None = None, seed: int = 0,
+                            temperature: float = 1.0, pairs_per_prompt: int = 1, include_greedy: bool = True,
+                            format: str = "auto", batch_size: int = 64, eos_id: int | None = None,
+                            pad_id: int | None = None, seed: int = 0,
                             max_new_tokens: int | None = None) -> tuple[list[dict], PairStats]:
-    """Preference pairs from a policy's own samples, labelled by the tasks' exact answers.
+    """Preference pairs from a policy's own answers, labelled by the tasks' exact answers.
 
-    For each record's prompt, `samples` completions are drawn at `temperature`; the first correct
-    one (decoded text equal to the record's response) is chosen and the first incorrect one
-    rejected. Prompts whose samples are all correct or all incorrect give no pair (counted). Pairs
-    are TRL preference records {"prompt", "chosen", "rejected", "task"}, the prompt as the model
-    saw it, for ``jaxllm.data.preference``."""
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 to find a correct and an incorrect answer, got {samples}")
+    For each record's prompt the policy answers greedily (`include_greedy`) and `samples` times at
+    `temperature`; distinct correct answers (decoded text equal to the record's response) are
+    chosen and distinct incorrect ones rejected, the greedy answer first: it is the one the policy
+    gives when asked, so it is the mistake a preference should fix. Up to `pairs_per_prompt` pairs
+    per prompt, each answer used once. An answer that is empty or holds a special token (a sampled
+    PAD) is no text to prefer against and is left out. Prompts whose answers are all correct or all
+    incorrect give no pair (counted). Pairs are TRL preference records {"prompt", "chosen",
+    "rejected", "task"}, the prompt as the model saw it, for ``jaxllm.data.preference``."""
+    if samples < 1 or (samples < 2 and not include_greedy):
+        raise ValueError(f"need at least two answers per prompt to pair a correct with an incorrect one, got "
+                         f"samples={samples}, include_greedy={include_greedy}")
     eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
     prompts, targets, texts = [], [], []
     for i, ex in enumerate(records, start=1):
@@ -274,20 +280,29 @@ def sample_preference_pairs(model, tokenizer: Tokenizer, records: Sequence[dict]
         texts.append("".join(t for t, _ in prompt_spans))
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer.encode(t)) for t in targets) + 1
-    run = greedy_generate_fn(model, eos, pad, batch_size, SamplingConfig(temperature=temperature),
-                             jax.random.key(seed))
-    drawn = run([p for p in prompts for _ in range(samples)], max_new_tokens)
-    stats, pairs = PairStats(prompts=len(prompts), samples=len(drawn)), []
+
+    def decode(ids):
+        return tokenizer.decode(cut_at_eos(ids, eos))
+    drawn = greedy_generate_fn(model, eos, pad, batch_size, SamplingConfig(temperature=temperature),
+                               jax.random.key(seed))([p for p in prompts for _ in range(samples)], max_new_tokens)
+    greedy = greedy_generate_fn(model, eos, pad, batch_size)(prompts, max_new_tokens) if include_greedy else None
+    stats, pairs = PairStats(prompts=len(prompts)), []
     for i, (ex, target) in enumerate(zip(records, targets)):
-        outs = [tokenizer.decode(cut_at_eos(ids, eos)) for ids in drawn[i * samples:(i + 1) * samples]]
-        good = [o for o in outs if o == target]
-        bad = [o for o in outs if o != target and o]   # an empty answer is no response to prefer against
-        stats.correct += len(good)
+        answers = [decode(ids) for ids in drawn[i * samples:(i + 1) * samples]]
+        if greedy is not None:
+            answers.insert(0, decode(greedy[i]))
+            stats.greedy_correct += answers[0] == target
+        stats.samples += len(answers)
+        stats.correct += sum(a == target for a in answers)
+        good = list(dict.fromkeys(a for a in answers if a == target))
+        bad = list(dict.fromkeys(a for a in answers if a != target and a and not tokenizer.count_special(a)))
         if not bad:
             stats.all_correct += 1
         elif not good:
             stats.none_correct += 1
         else:
-            pairs.append({"prompt": texts[i], "chosen": good[0], "rejected": bad[0], "task": ex.get("task", "all")})
+            for k in range(min(pairs_per_prompt, len(bad))):
+                pairs.append({"prompt": texts[i], "chosen": good[k % len(good)], "rejected": bad[k],
+                              "task": ex.get("task", "all")})
     stats.pairs = len(pairs)
     return pairs, stats
