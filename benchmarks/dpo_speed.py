@@ -5,7 +5,9 @@ random weights, saved with `save_pretrained`) is trained with DPO by TRL 1.16 (`
 fine-tuning, its default reference: a frozen copy of the starting model loaded from the same
 directory) and by jaxllm (`jaxllm.alignment.dpo`, the same weights through `jaxllm.from_hf`, a
 frozen copy as reference: `dpo.reference=copy`), on the same pairs: prompts of 32 tokens and
-responses of 32 tokens (+ EOS), batches of 8 pairs, fp32 on both sides. On a CPU both use its
+responses of 32 tokens (+ EOS), batches of 8 pairs, fp32 on both sides (`--bf16`: bf16 compute
+with fp32 weights on both, TRL's default on a GPU; note that on a GPU XLA runs fp32 matmuls as
+TF32 by default, torch in full fp32). On a CPU both use its
 cores (torch: one thread per core; jaxllm: one JAX device per core, as `jaxllm dpo` runs, and on
 one device); on a machine with a GPU both run there. Step time is the median over the steps after
 the first two (compilation, warm-up) of wall time per optimizer step, the batch's assembly
@@ -69,7 +71,7 @@ def make_pairs(n: int, prompt_len: int, response_len: int, seed: int = 0) -> lis
             for _ in range(n)]
 
 
-def run_trl(model_dir, tok_dir, pairs, batch: int, steps: int, out_dir) -> dict:
+def run_trl(model_dir, tok_dir, pairs, batch: int, steps: int, out_dir, bf16: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -89,9 +91,9 @@ def run_trl(model_dir, tok_dir, pairs, batch: int, steps: int, out_dir) -> dict:
     args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-6,
                      logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=not gpu, dataloader_num_workers=0,
                      max_length=None, beta=0.1, loss_type=["sigmoid"], seed=0,
-                     # TRL's defaults are bf16 and activation checkpointing: fp32 as jaxllm here, and no
-                     # recomputation (its faster setting)
-                     bf16=False, gradient_checkpointing=False)
+                     # TRL's defaults are bf16 and activation checkpointing: precision as asked (the
+                     # same as jaxllm's), and no recomputation (its faster setting)
+                     bf16=bf16, gradient_checkpointing=False)
     trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=AutoTokenizer.from_pretrained(tok_dir), callbacks=[Clock()])
     start = time.perf_counter()
@@ -102,7 +104,7 @@ def run_trl(model_dir, tok_dir, pairs, batch: int, steps: int, out_dir) -> dict:
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
 
-def run_jaxllm(model_dir, tok_dir, pairs, batch: int, steps: int, devices: int) -> dict:
+def run_jaxllm(model_dir, tok_dir, pairs, batch: int, steps: int, devices: int, bf16: bool) -> dict:
     from flax import nnx
 
     from jaxllm import from_hf, load_tokenizer, parallel
@@ -112,7 +114,8 @@ def run_jaxllm(model_dir, tok_dir, pairs, batch: int, steps: int, devices: int) 
     from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
     from jaxllm.training.step import init_train_state, make_train_step
 
-    model, cfg = from_hf(model_dir, dropout=0.0)
+    # bf16: bf16 compute with fp32 weights, as torch's autocast under TRL's bf16=True
+    model, cfg = from_hf(model_dir, dropout=0.0, **({"dtype": "bfloat16"} if bf16 else {}))
     tok = load_tokenizer(tok_dir)
     ds = tokenize_preferences(pairs, tok, log=None)
     T = max(len(x.ids) for x in ds.chosen + ds.rejected)
@@ -141,13 +144,15 @@ def run_jaxllm(model_dir, tok_dir, pairs, batch: int, steps: int, devices: int) 
         times.append(time.perf_counter() - t0)
     return {"seconds_per_step": statistics.median(times[2:]), "first_step_s": times[0], "steps": steps,
             "devices": 1 if mesh is None else mesh.size, "device": str(jax.devices()[0].device_kind),
-            "first_loss": losses[0], "seq_len": T, "jax_version": jax.__version__}
+            "first_loss": losses[0], "seq_len": T, "jax_version": jax.__version__,
+            "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 weights, on both sides (TRL's default)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--size", choices=sorted(SIZES), default="small",
@@ -168,15 +173,16 @@ def main() -> None:
         torch.manual_seed(0)
         GPT2LMHeadModel(config).save_pretrained(tmp / "model")
         gpt2_tokenizer_dir(tmp / "tok")
-        trl_result = run_trl(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, tmp / "trl")
-        jax_result = run_jaxllm(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, 0)
-        jax_one = (run_jaxllm(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, 1)
+        trl_result = run_trl(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, tmp / "trl", args.bf16)
+        jax_result = run_jaxllm(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, 0, args.bf16)
+        jax_one = (run_jaxllm(tmp / "model", tmp / "tok", pairs, args.batch, args.steps, 1, args.bf16)
                    if jax_result["devices"] > 1 else jax_result)
     out = {
         "benchmark": "dpo_speed", "date": time.strftime("%Y-%m-%d"),
         "model": f"GPT-2 config: {layers} layers, {heads} heads, {width} wide, vocab 50257, random weights",
         "batch_pairs": args.batch, "prompt_tokens": args.prompt_len,
         "response_tokens": args.response_len + 1, "reference": "frozen copy (both)",
+        "precision": "bf16 compute, fp32 weights" if args.bf16 else "fp32",
         "trl": trl_result, "jaxllm": jax_result, "jaxllm_one_device": jax_one,
         "speedup": trl_result["seconds_per_step"] / jax_result["seconds_per_step"],
         "speedup_one_device": trl_result["seconds_per_step"] / jax_one["seconds_per_step"],

@@ -5,6 +5,7 @@ resume, bad preference data named by file and line, and the `jaxllm reward` / `j
 import collections
 import json
 import math
+import pathlib
 import types
 
 import jax
@@ -326,3 +327,50 @@ def test_full_dpo_keeps_its_reference_fixed_and_resumes_bit_identically(sft_base
     # the held-out loss before training was ln 2: policy == reference; after, the policy moved away
     assert abs(whole.before["val_loss"] - math.log(2)) < 1e-5
     assert abs(whole.after["val_loss"] - math.log(2)) > 1e-4
+
+
+@pytest.mark.parametrize("name,cls", [("reward.yaml", RewardConfig), ("dpo.yaml", DPOConfig)])
+def test_shipped_yaml_configs_load_with_every_key_known(name, cls):
+    """train/configs/{reward,dpo}.yaml parse into their stage's config (unknown keys are errors) and
+    point at the README walkthrough's SFT run and pair files."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "train" / "configs" / name
+    config = load_config(cls, str(path), [])
+    assert config.init.path == "runs/sft-add"
+    assert config.data.train_file == "runs/pairs/train.jsonl" and config.data.eval_file == "runs/pairs/eval.jsonl"
+    assert config.optim.lr_decay_iters == config.train.max_iters
+
+
+def test_sampled_pairs_prefer_the_exact_answer_greedy_mistake_first(monkeypatch):
+    """sample_preference_pairs with scripted policy answers: the chosen answer is the record's exact
+    response; the greedy answer, when wrong, is the first rejected; distinct wrong answers make up to
+    pairs_per_prompt pairs; empty answers and answers holding a special token are never rejected;
+    prompts with no right or no wrong answer give no pair, and the counts add up."""
+    from jaxllm.data import synthetic
+    tok = synthetic.task_tokenizer()
+    eos, pad = tok.eos_id, tok.pad_id
+    records = [{"prompt": p, "completion": c, "task": "add"}
+               for p, c in (("add 001+002=", "3"), ("add 005+005=", "01"), ("add 009+009=", "81"))]
+    sampled = {0: ["3", "4", "4", "", "5"], 1: ["01", "01", "01", "01", "01"], 2: ["7", "8", "9", "6", "5"]}
+    greedy = {0: "9", 1: "01", 2: "7"}
+
+    def fake(model, eos_id, pad_id, batch_size=32, sampling=None, key=None):
+        def run(prompts, max_new_tokens):
+            if sampling is None:                                   # the greedy call
+                return [tok.encode(greedy[i]) + [eos] for i in range(len(prompts))]
+            per = len(prompts) // len(records)
+            out = [tok.encode(sampled[i // per][i % per]) + [eos] for i in range(len(prompts))]
+            out[1] = [pad, eos]                                     # a sampled PAD: a special token, not text
+            return out
+        return run
+    monkeypatch.setattr(synthetic, "greedy_generate_fn", fake)
+    pairs, stats = synthetic.sample_preference_pairs(None, tok, records, samples=5, pairs_per_prompt=3,
+                                                     eos_id=eos, pad_id=pad)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "9"), ("3", "4"), ("3", "5")]
+    assert all(p["prompt"] == "add 001+002=" for p in pairs)
+    assert (stats.prompts, stats.samples, stats.pairs) == (3, 18, 3)
+    assert (stats.all_correct, stats.none_correct, stats.greedy_correct) == (1, 1, 1)
+    assert stats.correct == 1 + 6 + 0
+    one, _ = synthetic.sample_preference_pairs(None, tok, records, samples=5, eos_id=eos, pad_id=pad)
+    assert [(p["chosen"], p["rejected"]) for p in one] == [("3", "9")]
+    with pytest.raises(ValueError, match="at least two answers"):
+        synthetic.sample_preference_pairs(None, tok, records, samples=1, include_greedy=False)

@@ -92,7 +92,8 @@ def dpo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
                   + eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
     if sft_weight:
         if chosen_lengths is None:
-            raise ValueError("sft_weight averages the chosen responses' log-probs over their tokens: pass chosen_lengths")
+            raise ValueError("sft_weight averages the chosen responses' log-probs over their tokens: "
+                             "pass chosen_lengths")
         w = jnp.ones_like(policy_chosen_logps) if weight is None else weight
         tokens = jnp.maximum(jnp.sum(chosen_lengths * w), 1.0)
         losses = losses - sft_weight * policy_chosen_logps * (jnp.sum(w) / tokens)
@@ -241,7 +242,8 @@ def run_dpo(config: DPOConfig) -> DPOResult:
     trainable = apply_method(model, config.peft)
     reference = resolve_reference(section, config.peft.method)
     report = parameter_report(model, trainable)
-    print(f"dpo ({section.loss_type}, beta {section.beta}, reference: {reference}) on {len(train_ds):,} pairs, "
+    loss_name = section.loss_type + (f" + {section.sft_weight} x sft" if section.sft_weight else "")
+    print(f"dpo ({loss_name}, beta {section.beta}, reference: {reference}) on {len(train_ds):,} pairs, "
           f"{len(held_ds):,} held out; model: {count_params(model):,} parameters; method: "
           f"{config.peft.method}; {format_report(report)}")
 
