@@ -132,9 +132,12 @@ def main() -> None:
                                           train_at_most=True)
         t0 = time.perf_counter()
         pair_files, pair_stats = {}, {}
-        for name, records, seed in (("train", train_records[:n_prompts], 1), ("eval", held, 2)):
+        # DPO's pairs: one per prompt; the reward models': up to 3 per prompt (distinct wrong answers)
+        # over every train prompt, since a last-token reward model over-fits 7k pairs (RESULTS.md)
+        for name, records, seed, per_prompt in (("train", train_records[:n_prompts], 1, 1),
+                                                ("reward_train", train_records, 3, 3), ("eval", held, 2, 1)):
             pairs, stats = sample_preference_pairs(policy, tok, records, samples=args.samples,
-                                                   eos_id=eos, pad_id=pad, seed=seed)
+                                                   pairs_per_prompt=per_prompt, eos_id=eos, pad_id=pad, seed=seed)
             pair_files[name] = root / f"pairs_{name}.jsonl"
             pair_files[name].write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
             pair_stats[name] = vars(stats)
@@ -176,6 +179,7 @@ def main() -> None:
         def reward(name, init, rm_steps):
             t0 = time.perf_counter()
             rm = run_reward(_load(RewardConfig, [*stage, f"init.path={init}", f"train.out_dir={root}/reward-{name}",
+                                                 f"data.train_file={pair_files['reward_train']}",
                                                  f"train.max_iters={rm_steps}", f"optim.lr_decay_iters={rm_steps}",
                                                  "train.batch_size=32", "optim.learning_rate=3e-4", "optim.min_lr=3e-5",
                                                  "optim.warmup_iters=50",

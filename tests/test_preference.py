@@ -374,3 +374,22 @@ def test_sampled_pairs_prefer_the_exact_answer_greedy_mistake_first(monkeypatch)
     assert [(p["chosen"], p["rejected"]) for p in one] == [("3", "9")]
     with pytest.raises(ValueError, match="at least two answers"):
         synthetic.sample_preference_pairs(None, tok, records, samples=1, include_greedy=False)
+
+
+def test_a_bad_pair_file_stops_dpo_before_it_touches_an_existing_run(sft_base, tmp_path):
+    """`jaxllm dpo train.overwrite=true` on a finished run with a broken pair file: the error names
+    file:line and field, and the run's checkpoint, metrics and tokenizer are still there, unchanged."""
+    out = tmp_path / "dpo"
+    rc, _, err = run_main(["dpo", *_stage_args(sft_base, out, "train.max_iters=2")])
+    assert rc == 0, err
+    before, _, _, _ = load_checkpoint(out)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = _pairs_file(tmp_path / "bad.jsonl", GOOD[:2] + [{"prompt": "add 1+1=", "chosen": "2"}])
+    args = [a if not a.startswith("data.train_file=") else f"data.train_file={bad}"
+            for a in _stage_args(sft_base, out, "train.max_iters=2", "train.overwrite=true")]
+    rc, _, err = run_main(["dpo", *args])
+    assert rc != 0 and "bad.jsonl:3" in err and "rejected" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    after, _, _, _ = load_checkpoint(out)
+    for a, b in zip(jax.tree.leaves(nnx.state(before)), jax.tree.leaves(nnx.state(after)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
