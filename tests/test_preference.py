@@ -393,3 +393,26 @@ def test_a_bad_pair_file_stops_dpo_before_it_touches_an_existing_run(sft_base, t
     after, _, _, _ = load_checkpoint(out)
     for a, b in zip(jax.tree.leaves(nnx.state(before)), jax.tree.leaves(nnx.state(after)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_reward_with_lora_trains_the_head_and_adapters_and_leaves_the_trunk_bit_identical(sft_base, tmp_path):
+    """`jaxllm reward peft.method=lora`: between two checkpoints the scalar head and the LoRA weights
+    move, while every trunk weight stays equal to the SFT base's."""
+    from jaxllm.heads import HeadParam
+    out = tmp_path / "rm-lora"
+    rc, _, err = run_main(["reward", *_stage_args(sft_base, out, "train.max_iters=3", "train.ckpt_interval=1",
+                                                  "train.keep_ckpts=3", "peft.method=lora",
+                                                  "optim.learning_rate=1e-2", "optim.warmup_iters=0")])
+    assert rc == 0, err
+    base, _, _, _ = load_checkpoint(sft_base / "sft")
+    first, _, _, _ = load_checkpoint(out, step=1)
+    last, _, _, meta = load_checkpoint(out, step=3)
+    assert meta.get("head") == "reward" and peft.lora_layers(last.trunk)
+    flat = lambda m, f: dict(nnx.to_flat_state(nnx.state(m, f)))   # noqa: E731
+    base_params = flat(base, nnx.Param)
+    for path, v in flat(last.trunk, nnx.Param).items():
+        if not isinstance(v, peft.PeftParam):
+            np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(base_params[path][...]), err_msg=str(path))
+    moved = lambda f: any(not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))   # noqa: E731
+                          for a, b in zip(flat(first, f).values(), flat(last, f).values(), strict=True))
+    assert moved(HeadParam) and moved(peft.PeftParam)
