@@ -268,7 +268,6 @@ def test_interrupted_loop_leaves_the_model_usable_with_the_steps_that_ran(tmp_pa
 def test_ctrl_c_arriving_as_a_step_returns_keeps_the_state_that_step_returned(tmp_path, monkeypatch):
     """SIGINT after the donated step has run but before its result is bound: the loop holds the
     interrupt until the new state is bound, so the model equals one trained for exactly 3 steps."""
-    import os
     import signal
 
     from jaxllm.training import loop as loop_module
@@ -294,13 +293,23 @@ def test_ctrl_c_arriving_as_a_step_returns_keeps_the_state_that_step_returned(tm
             out = step(*args)
             calls.append(1)
             if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)   # Python's handler runs before `return out`
+                # to this thread (os.kill may hand a process-wide signal to another thread, whose
+                # flag the main thread could then see only later); Python's handler runs at once
+                signal.raise_signal(signal.SIGINT)
             return out
         return interrupting_step
 
-    monkeypatch.setattr(loop_module, "make_train_step", make_interrupting_step)
-    model, interrupted = run("interrupted", 8)
-    assert interrupted
+    # the property holds under Python's own Ctrl-C handler (the loop leaves a foreign one alone):
+    # start from it, unblocked, whatever an earlier test or library left behind
+    prior = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        monkeypatch.setattr(loop_module, "make_train_step", make_interrupting_step)
+        model, interrupted = run("interrupted", 8)
+    finally:
+        signal.signal(signal.SIGINT, prior)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert interrupted, f"SIGINT handler before the test: {prior!r}; blocked signals: {blocked}"
     for a, b in zip(_params(nnx.state(model, nnx.Param)), _params(nnx.state(three, nnx.Param)), strict=True):
         np.testing.assert_array_equal(a, b)
 
