@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 # OSError: what the system says of a path given (too long a name, a file where a folder goes, ...)
@@ -87,29 +86,25 @@ def _cmd_sft(args) -> None:
             print(f"held-out exact match {name}: {metrics['exact_match']:.1%} ({tasks})")
 
 
-def _print_pairs(name, result) -> None:
+def _run_pairs(args, config_cls, run) -> None:
+    """`jaxllm reward` / `jaxllm dpo`: train, then the held-out pair metrics before and after."""
+    config = _stage_config(config_cls, args)
+    result = run(config)
+    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
     for when, metrics in (("before", result.before), ("after", result.after)):
         shown = {k: v for k, v in metrics.items() if k in ("val_loss", "accuracy", "margin", "rewards/accuracies",
                                                            "rewards/margins", "rewards/chosen", "rewards/rejected")}
-        print(f"held-out {name} {when}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        print(f"held-out pairs {when}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 def _cmd_reward(args) -> None:
     from jaxllm.alignment.reward import RewardConfig, run_reward
-
-    config = _stage_config(RewardConfig, args)
-    result = run_reward(config)
-    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
-    _print_pairs("pairs", result)
+    _run_pairs(args, RewardConfig, run_reward)
 
 
 def _cmd_dpo(args) -> None:
     from jaxllm.alignment.dpo import DPOConfig, run_dpo
-
-    config = _stage_config(DPOConfig, args)
-    result = run_dpo(config)
-    _print_run(config.train.out_dir, result.train, result.after.get("val_loss"), None)
-    _print_pairs("pairs", result)
+    _run_pairs(args, DPOConfig, run_dpo)
 
 
 def _cmd_sample(args) -> None:
@@ -184,35 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--tfds-data-dir", default=None)
     pp.set_defaults(func=_cmd_prepare)
 
-    pt = sub.add_parser("pretrain", help="pretrain a GPT (no arguments: char-level Shakespeare on CPU)")
-    pt.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
-    pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    pt.set_defaults(func=_cmd_pretrain)
+    def stage(name: str, help: str, example: str, func) -> None:
+        """A training stage's command: [CONFIG.yaml] [section.key=value ...] and --resume."""
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...]" + example)
+        sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        sp.set_defaults(func=func)
 
-    pl = sub.add_parser("lora", help="fine-tune LoRA / adapters / a prefix on a base model (no arguments: "
-                                     "LoRA on the default pretrain run)")
-    pl.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. "
-                                                "init.path=RUN_OR_HF_DIR peft.method=lora peft.lora.r=8")
-    pl.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    pl.set_defaults(func=_cmd_lora)
-
-    pf = sub.add_parser("sft", help="instruction tuning (no arguments: a small model on the synthetic tasks)")
-    pf.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. "
-                                                "data.train_file=train.jsonl data.eval_file=eval.jsonl init.path=RUN")
-    pf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    pf.set_defaults(func=_cmd_sft)
-
-    pr = sub.add_parser("reward", help="train a reward model on preference pairs (init.path= an SFT run or HF dir)")
-    pr.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. init.path=runs/sft "
-                                                "data.train_file=pairs.jsonl data.eval_file=held.jsonl")
-    pr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    pr.set_defaults(func=_cmd_reward)
-
-    pd = sub.add_parser("dpo", help="direct preference optimization (init.path= an SFT run or HF dir)")
-    pd.add_argument("settings", nargs="*", help="[CONFIG.yaml] [section.key=value ...], e.g. init.path=runs/sft "
-                                                "data.train_file=pairs.jsonl data.eval_file=held.jsonl dpo.beta=0.1")
-    pd.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    pd.set_defaults(func=_cmd_dpo)
+    stage("pretrain", "pretrain a GPT (no arguments: char-level Shakespeare on CPU)", "", _cmd_pretrain)
+    stage("lora", "fine-tune LoRA / adapters / a prefix on a base model (no arguments: LoRA on the default "
+                  "pretrain run)", ", e.g. init.path=RUN_OR_HF_DIR peft.method=lora peft.lora.r=8", _cmd_lora)
+    stage("sft", "instruction tuning (no arguments: a small model on the synthetic tasks)",
+          ", e.g. data.train_file=train.jsonl data.eval_file=eval.jsonl init.path=RUN", _cmd_sft)
+    stage("reward", "train a reward model on preference pairs (init.path= an SFT run or HF dir)",
+          ", e.g. init.path=runs/sft data.train_file=pairs.jsonl data.eval_file=held.jsonl", _cmd_reward)
+    stage("dpo", "direct preference optimization (init.path= an SFT run or HF dir)",
+          ", e.g. init.path=runs/sft data.train_file=pairs.jsonl data.eval_file=held.jsonl dpo.beta=0.1", _cmd_dpo)
 
     ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
     ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")

@@ -17,7 +17,7 @@ from flax import nnx
 from helpers import run_main
 from jaxllm import peft
 from jaxllm.alignment.dpo import DPOConfig, dpo_loss, run_dpo, sequence_logps
-from jaxllm.alignment.reward import RewardConfig, load_reward_model, reward_loss, run_reward, score
+from jaxllm.alignment.reward import RewardConfig, load_reward_model, reward_loss, score
 from jaxllm.configfile import load_config
 from jaxllm.data.instruct import InstructDataError
 from jaxllm.data.preference import load_preferences, tokenize_preferences

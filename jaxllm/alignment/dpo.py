@@ -43,16 +43,13 @@ from flax import nnx
 
 from jaxllm import peft
 from jaxllm.alignment.pairs import (PairBatch, PreferenceDataConfig, base_and_tokenizer, both_sides, eval_batches,
-                                    load_pair_files, pad_values, pair_batch, pair_evaluator, rows_batch_fn)
-from jaxllm.configfile import to_dict
+                                    load_pair_files, pair_batch, pair_evaluator, train_on_pairs)
 from jaxllm.losses import label_logps
 from jaxllm.model import count_params
 from jaxllm.peft import PeftSection, apply_method, format_report, parameter_report
-from jaxllm.runs import check_resume, peft_run_meta
 from jaxllm.stages.sections import InitConfig
-from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
+from jaxllm.training.loop import LoopConfig, TrainResult
 from jaxllm.training.optim import OptimConfig
-from jaxllm.training.step import evaluate_model
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 REFERENCES = ("auto", "adapter_off", "copy", "precomputed")
@@ -235,7 +232,7 @@ def reference_logps(model, data: PairBatch, batch_size: int) -> tuple[np.ndarray
 
 
 def run_dpo(config: DPOConfig) -> DPOResult:
-    d, loop, section = config.data, config.train, config.dpo
+    d, section = config.data, config.dpo
     model, cfg, tok = base_and_tokenizer(config.init, d.tokenizer, "dpo")
     T = cfg.block_size
     train_ds, held_ds = load_pair_files(d, tok, T)
@@ -260,22 +257,9 @@ def run_dpo(config: DPOConfig) -> DPOResult:
     loss_fn = dpo_loss_fn(section, reference, ref_graphdef)
     make_eval = pair_evaluator(held_data, d.eval_batch_size, loss_fn, constants)
 
-    peft_meta = peft_run_meta(model, trainable, config.init)
-    meta = {"kind": "dpo", "model": cfg.to_dict(), "config": to_dict(config),
-            "data": {"train": d.train_file, "eval": d.eval_file, "eos_id": train_ds.eos_id,
-                     "pad_id": train_ds.pad_id}, **peft_meta}
     ref_before = _held_out_reference(model, reference, held_data, d.eval_batch_size, ref_graphdef, constants)
-    before = evaluate_model(model, trainable, make_eval)
-    print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-    result = train_loop(model, loss_fn, rows_batch_fn(train_data, loop.seed, loop.batch_size, loop.grad_accum),
-                        optim=config.optim, loop=loop, meta=meta,
-                        make_eval=make_eval, trainable=trainable,
-                        tokens_per_step=2 * loop.batch_size * loop.grad_accum * T,
-                        flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
-                        check_resume=lambda saved, where: check_resume(saved, meta, where),
-                        pad_values=pad_values(train_ds.pad_id), constants=constants)
-    after = result.evals[max(result.evals)] if result.evals else {}
-    print("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+    result, before, after = train_on_pairs("dpo", config, model, trainable, loss_fn, cfg, tok, train_ds, train_data,
+                                           make_eval, constants=constants)
     ref_after = _held_out_reference(result.model, reference, held_data, d.eval_batch_size, ref_graphdef, constants)
     drift = float(max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(ref_before, ref_after)))
     return DPOResult(result, before, after, reference, drift, cfg)

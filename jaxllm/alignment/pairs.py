@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.configfile import to_dict
 from jaxllm.data.packing import Rows
 from jaxllm.data.preference import PreferenceDataset, PreferenceRows, load_preferences
 from jaxllm.losses import IGNORE_INDEX
-from jaxllm.runs import load_base
+from jaxllm.runs import check_resume, load_base, peft_run_meta
 from jaxllm.stages.sections import InitConfig
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.training.step import make_eval_step, metric_reduction
+from jaxllm.training.loop import TrainResult, train_loop
+from jaxllm.training.step import evaluate_model, make_eval_step, metric_means, metric_reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +124,11 @@ def load_pair_files(d: PreferenceDataConfig, tok, block_size: int) -> tuple[Pref
 def pair_evaluator(data: PairBatch, batch_size: int, loss_fn, constants=None):
     """make_eval for the loop: a pair loss and its metrics, averaged over every held-out pair
     ("min_"/"max_" metrics reduced as such)."""
-    def make_eval(graphdef, mesh=None):
-        eval_step = make_eval_step(graphdef, loss_fn, mesh, constants)
+    bound = constants
+
+    def make_eval(graphdef, mesh=None, constants=None):
+        # the loop hands over the constants it already placed on its mesh
+        eval_step = make_eval_step(graphdef, loss_fn, mesh, bound if constants is None else constants)
 
         def evaluate(state):
             total = count = 0.0
@@ -133,7 +138,31 @@ def pair_evaluator(data: PairBatch, batch_size: int, loss_fn, constants=None):
                 total, count = total + t, count + c
                 sums = {k: metric_reduction(k)(sums[k], v) if k in sums else v for k, v in aux.items()}
             count = float(count)
-            return {"val_loss": float(total) / count,
-                    **{k: float(v) / (1.0 if k.startswith(("min_", "max_")) else count) for k, v in sums.items()}}
+            return {"val_loss": float(total) / count, **metric_means({k: float(v) for k, v in sums.items()}, count)}
         return evaluate
     return make_eval
+
+
+def train_on_pairs(kind: str, config, model, trainable, loss_fn, cfg, tok, train_ds: PreferenceDataset,
+                   train_data: PairBatch, make_eval, *, meta_extra: dict | None = None,
+                   constants=None) -> tuple[TrainResult, dict, dict]:
+    """The part of `jaxllm reward` and `jaxllm dpo` after their model and loss are set: the run's
+    metadata, the held-out metrics before, the shared training loop, the held-out metrics after.
+    `config` is the stage's config (init, data, optim, train sections). Returns (result, before, after)."""
+    d, loop = config.data, config.train
+    T = cfg.block_size
+    peft_meta = peft_run_meta(model, trainable, config.init)
+    meta = {"kind": kind, **(meta_extra or {}), "model": cfg.to_dict(), "config": to_dict(config),
+            "data": {"train": d.train_file, "eval": d.eval_file, "eos_id": train_ds.eos_id,
+                     "pad_id": train_ds.pad_id}, **peft_meta}
+    before = evaluate_model(model, trainable, make_eval)
+    print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+    result = train_loop(model, loss_fn, rows_batch_fn(train_data, loop.seed, loop.batch_size, loop.grad_accum),
+                        optim=config.optim, loop=loop, meta=meta, make_eval=make_eval, trainable=trainable,
+                        tokens_per_step=2 * loop.batch_size * loop.grad_accum * T,
+                        flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
+                        check_resume=lambda saved, where: check_resume(saved, meta, where),
+                        pad_values=pad_values(train_ds.pad_id), constants=constants)
+    after = result.evals[max(result.evals)] if result.evals else {}
+    print("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+    return result, before, after

@@ -26,17 +26,15 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.alignment.pairs import (PairBatch, PreferenceDataConfig, base_and_tokenizer, both_sides,
-                                    load_pair_files, pad_values, pair_batch, pair_evaluator, rows_batch_fn)
-from jaxllm.configfile import to_dict
+                                    load_pair_files, pair_batch, pair_evaluator, train_on_pairs)
 from jaxllm.heads import HeadParam, RewardModel
 from jaxllm.model import count_params
 from jaxllm.peft import PeftParam, PeftSection, apply_method, format_report, merge, parameter_report
-from jaxllm.runs import check_resume, load_checkpoint, peft_run_meta
+from jaxllm.runs import load_checkpoint
 from jaxllm.stages.sections import InitConfig
 from jaxllm.tokenizer import tokenizer_differences
-from jaxllm.training.loop import LoopConfig, TrainResult, train_loop
+from jaxllm.training.loop import LoopConfig, TrainResult
 from jaxllm.training.optim import OptimConfig
-from jaxllm.training.step import evaluate_model
 
 
 def reward_per_pair(rewards_chosen, rewards_rejected, margin=None, center_rewards_coefficient=None):
@@ -104,7 +102,7 @@ def reward_loss_fn(section: RewardSection):
 
 
 def run_reward(config: RewardConfig) -> RewardResult:
-    d, loop = config.data, config.train
+    d = config.data
     gpt, cfg, tok = base_and_tokenizer(config.init, d.tokenizer, "reward")
     T = cfg.block_size
     train_ds, held_ds = load_pair_files(d, tok, T)
@@ -116,21 +114,8 @@ def run_reward(config: RewardConfig) -> RewardResult:
           f"parameters; method: {config.peft.method}; {format_report(report)}")
     loss_fn = reward_loss_fn(config.reward)
     make_eval = pair_evaluator(pair_batch(held_ds.rows(T)), d.eval_batch_size, loss_fn)
-    peft_meta = peft_run_meta(model, trainable, config.init)
-    meta = {"kind": "reward", "head": "reward", "model": cfg.to_dict(), "config": to_dict(config),
-            "data": {"train": d.train_file, "eval": d.eval_file, "eos_id": train_ds.eos_id,
-                     "pad_id": train_ds.pad_id}, **peft_meta}
-    before = evaluate_model(model, trainable, make_eval)
-    print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-    result = train_loop(model, loss_fn, rows_batch_fn(pair_batch(train_ds.rows(T)), loop.seed, loop.batch_size,
-                                                      loop.grad_accum),
-                        optim=config.optim, loop=loop, meta=meta, make_eval=make_eval, trainable=trainable,
-                        tokens_per_step=2 * loop.batch_size * loop.grad_accum * T,
-                        flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
-                        check_resume=lambda saved, where: check_resume(saved, meta, where),
-                        pad_values=pad_values(train_ds.pad_id))
-    after = result.evals[max(result.evals)] if result.evals else {}
-    print("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+    result, before, after = train_on_pairs("reward", config, model, trainable, loss_fn, cfg, tok, train_ds,
+                                           pair_batch(train_ds.rows(T)), make_eval, meta_extra={"head": "reward"})
     return RewardResult(result, before, after, cfg)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.configfile import to_dict
-from jaxllm.data.instruct import InstructDataError, example_spans, load_instruct, tokenize_records
+from jaxllm.data.instruct import example_spans, load_instruct, tokenize_records
 from jaxllm.data.packing import Rows, model_inputs
 from jaxllm.data.synthetic import TASKS, TaskSettings, exact_match, make_splits, task_tokenizer
 from jaxllm.losses import IGNORE_INDEX, cross_entropy_sum

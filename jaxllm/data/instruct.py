@@ -298,6 +298,55 @@ def _truncate(ids: list[int], labels: list[int], max_len: int | None, truncation
     return ids, labels, "truncated"
 
 
+def decode_line(record):
+    """A JSONL line as text: UTF-8 bytes decoded (a line that is not UTF-8 comes back as its
+    UnicodeDecodeError, to be reported by ``parse_line`` under its line number); others as given."""
+    if isinstance(record, bytes):
+        try:
+            return record.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return e
+    return record
+
+
+def is_blank(record) -> bool:
+    return isinstance(record, str) and not record.strip()
+
+
+def parse_line(record):
+    """A decoded JSONL line (see ``decode_line``) -> its JSON value; a dict passes through. Raises
+    _FieldError for a line that is not UTF-8 or not JSON."""
+    if isinstance(record, UnicodeDecodeError):
+        e = record
+        raise _FieldError(None, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start} "
+                                f"of the line: {e.reason}); save the file as UTF-8")
+    if isinstance(record, str):
+        try:
+            return json.loads(record)
+        except (ValueError, RecursionError) as e:  # also: too deeply nested, a 5,000-digit number
+            raise _FieldError(None, f"invalid JSON ({e})") from None
+    return record
+
+
+def skip_or_raise(problem: _FieldError, stats, source: str, line: int, on_error: str) -> None:
+    """A malformed record: raise it as an InstructDataError naming source:line and the field, or
+    (on_error="skip") count it in ``stats.skipped`` and keep its reason (the first few)."""
+    err = InstructDataError(source, line, problem.field, problem.problem)
+    if on_error == "raise":
+        raise err from None
+    stats.skipped += 1
+    if len(stats.reasons) < MAX_REASONS:
+        stats.reasons.append(str(err))
+
+
+def jsonl_lines(f):
+    """The lines of a JSONL file opened in binary mode. Iterating a binary file splits at b"\\n" only
+    (str.splitlines would also split at U+2028 inside a JSON string), so line numbers match an
+    editor's; each line is decoded on its own, so a line that is not UTF-8 is a malformed record
+    like any other (file:line, or skipped)."""
+    return (line.rstrip(b"\r\n") for line in f)
+
+
 def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "auto",
                      max_len: int | None = None, truncation: str = "keep_start", on_error: str = "raise",
                      eos_id: int | None = None, pad_id: int | None = None, source: str = "<records>",
@@ -317,26 +366,13 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
     stats = InstructStats(source=source, format=None if format == "auto" else format)
     examples: list[TokenizedExample] = []
     for line, record in enumerate(records, start=1):
-        undecodable = None
-        if isinstance(record, bytes):
-            try:
-                record = record.decode("utf-8")
-            except UnicodeDecodeError as e:
-                undecodable = e
-        if undecodable is None and isinstance(record, str) and not record.strip():
+        record = decode_line(record)
+        if is_blank(record):
             stats.blank += 1
             continue
         stats.lines += 1
         try:
-            if undecodable is not None:
-                e = undecodable
-                raise _FieldError(None, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start} "
-                                        f"of the line: {e.reason}); save the file as UTF-8")
-            if isinstance(record, str):
-                try:
-                    record = json.loads(record)
-                except (ValueError, RecursionError) as e:  # also: too deeply nested, a 5,000-digit number
-                    raise _FieldError(None, f"invalid JSON ({e})") from None
+            record = parse_line(record)
             if stats.format is None and isinstance(record, dict):
                 stats.format = _format_of(record)  # the first record fixes the file's format
             spans = _record_spans(record, stats.format or "alpaca")
@@ -346,12 +382,7 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
                 raise _FieldError(None, f"cannot tokenize: {e}") from None
             special = any(tokenizer.count_special(text) for text, _ in spans)
         except _FieldError as e:
-            err = InstructDataError(source, line, e.field, e.problem)
-            if on_error == "raise":
-                raise err from None
-            stats.skipped += 1
-            if len(stats.reasons) < MAX_REASONS:
-                stats.reasons.append(str(err))
+            skip_or_raise(e, stats, source, line, on_error)
             continue
         ids, labels, fate = _truncate(ids, labels, max_len, truncation)
         if fate == "dropped":
@@ -370,7 +401,4 @@ def load_instruct(path, tokenizer: Tokenizer, **kwargs) -> InstructDataset:
     """Read a JSONL instruction file (see ``tokenize_records`` for the keyword arguments)."""
     path = Path(path)
     with path.open("rb") as f:
-        # Iterating a binary file splits at b"\n" only (str.splitlines would also split at U+2028
-        # inside a JSON string), so line numbers match an editor's; each line is decoded on its own,
-        # so a line that is not UTF-8 is a malformed record like any other (file:line, or skipped).
-        return tokenize_records((line.rstrip(b"\r\n") for line in f), tokenizer, source=str(path), **kwargs)
+        return tokenize_records(jsonl_lines(f), tokenizer, source=str(path), **kwargs)

@@ -25,15 +25,15 @@ token) and DPO (log-probs of the labelled tokens). Rules, each counted in ``Pref
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from jaxllm.data.instruct import (ASSISTANT_TAG, MAX_REASONS, InstructDataError, Spans, TokenizedExample,
-                                  _FieldError, _text, chat_spans, encode_spans, resolve_special_ids)
+from jaxllm.data.instruct import (ASSISTANT_TAG, Spans, TokenizedExample, _FieldError, _text, chat_spans,
+                                  decode_line, encode_spans, is_blank, jsonl_lines, parse_line, resolve_special_ids,
+                                  skip_or_raise)
 from jaxllm.data.packing import Rows, pad_examples
 from jaxllm.losses import IGNORE_INDEX
 from jaxllm.tokenizer import Tokenizer
@@ -186,22 +186,13 @@ def tokenize_preferences(records: Iterable, tokenizer: Tokenizer, *, format: str
     rejected_out: list[TokenizedExample] = []
     margins: list[float] = []
     for line, record in enumerate(records, start=1):
-        if isinstance(record, (str, bytes)) and not record.strip():
+        record = decode_line(record)
+        if is_blank(record):
             stats.blank += 1
             continue
         stats.lines += 1
         try:
-            if isinstance(record, bytes):
-                try:
-                    record = record.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise _FieldError(None, f"not UTF-8 text (byte offset {e.start} of the line); save the "
-                                            f"file as UTF-8") from None
-            if isinstance(record, str):
-                try:
-                    record = json.loads(record)
-                except (ValueError, RecursionError) as e:
-                    raise _FieldError(None, f"invalid JSON ({e})") from None
+            record = parse_line(record)
             if stats.format is None and isinstance(record, dict):
                 stats.format = detect_format(record)
                 if stats.format is None:
@@ -213,12 +204,7 @@ def tokenize_preferences(records: Iterable, tokenizer: Tokenizer, *, format: str
             except ValueError as e:
                 raise _FieldError(None, f"cannot tokenize: {e}") from None
         except _FieldError as e:
-            err = InstructDataError(source, line, e.field, e.problem)
-            if on_error == "raise":
-                raise err from None
-            stats.skipped += 1
-            if len(stats.reasons) < MAX_REASONS:
-                stats.reasons.append(str(err))
+            skip_or_raise(e, stats, source, line, on_error)
             continue
         if chosen[-1][0] == rejected[-1][0]:
             stats.identical += 1
@@ -239,5 +225,5 @@ def tokenize_preferences(records: Iterable, tokenizer: Tokenizer, *, format: str
 def load_preferences(path, tokenizer: Tokenizer, **kwargs) -> PreferenceDataset:
     """Read a preference JSONL file (see ``tokenize_preferences`` for the keyword arguments)."""
     path = Path(path)
-    with path.open("rb") as f:   # lines split at b"\n" only, decoded one by one (see load_instruct)
-        return tokenize_preferences((line.rstrip(b"\r\n") for line in f), tokenizer, source=str(path), **kwargs)
+    with path.open("rb") as f:
+        return tokenize_preferences(jsonl_lines(f), tokenizer, source=str(path), **kwargs)

@@ -209,6 +209,24 @@ def greedy_generate_fn(model, eos_id: int, pad_id: int, batch_size: int = 32, sa
     return run
 
 
+def _prompts_and_targets(records: Sequence[dict], tokenizer: Tokenizer, eos: int, format: str,
+                         source: str) -> tuple[list[list[int]], list[str], list[str]]:
+    """(prompt ids, target texts, prompt texts) of each record: the spans before its last response
+    (the same ids as in training, see ``instruct.generation_split``) and that response."""
+    prompts, targets, texts = [], [], []
+    for i, ex in enumerate(records, start=1):
+        prompt_spans, target = generation_split(example_spans(ex, format, source=source, line=i))
+        prompts.append(encode_spans(prompt_spans, tokenizer, eos)[0])
+        targets.append(target)
+        texts.append("".join(t for t, _ in prompt_spans))
+    return prompts, targets, texts
+
+
+def _answer_room(tokenizer: Tokenizer, targets: Sequence[str]) -> int:
+    """New tokens enough for the longest target and its EOS."""
+    return max(len(tokenizer.encode(t)) for t in targets) + 1
+
+
 def exact_match(model, tokenizer: Tokenizer, examples: Sequence[dict], *, format: str = "auto",
                 batch_size: int = 32, max_new_tokens: int | None = None, eos_id: int | None = None,
                 pad_id: int | None = None, generate_fn: GenerateFn | None = None) -> ExactMatchReport:
@@ -219,15 +237,10 @@ def exact_match(model, tokenizer: Tokenizer, examples: Sequence[dict], *, format
     if not examples:
         raise ValueError("exact_match needs at least one example")
     eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
-    prompts, targets, tasks = [], [], []
-    for i, ex in enumerate(examples, start=1):
-        spans = example_spans(ex, format, source="<examples>", line=i)
-        prompt_spans, target = generation_split(spans)
-        prompts.append(encode_spans(prompt_spans, tokenizer, eos)[0])
-        targets.append(target)
-        tasks.append(ex.get("task", "all"))
+    prompts, targets, _ = _prompts_and_targets(examples, tokenizer, eos, format, "<examples>")
+    tasks = [ex.get("task", "all") for ex in examples]
     if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(t)) for t in targets) + 1
+        max_new_tokens = _answer_room(tokenizer, targets)
     run = generate_fn or greedy_generate_fn(model, eos, pad, batch_size)
     predictions = [tokenizer.decode(cut_at_eos(ids, eos)) for ids in run(prompts, max_new_tokens)]
     if len(predictions) != len(examples):
@@ -271,15 +284,9 @@ def sample_preference_pairs(model, tokenizer: Tokenizer, records: Sequence[dict]
         raise ValueError(f"need at least two answers per prompt to pair a correct with an incorrect one, got "
                          f"samples={samples}, include_greedy={include_greedy}")
     eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
-    prompts, targets, texts = [], [], []
-    for i, ex in enumerate(records, start=1):
-        spans = example_spans(ex, format, source="<records>", line=i)
-        prompt_spans, target = generation_split(spans)
-        prompts.append(encode_spans(prompt_spans, tokenizer, eos)[0])
-        targets.append(target)
-        texts.append("".join(t for t, _ in prompt_spans))
+    prompts, targets, texts = _prompts_and_targets(records, tokenizer, eos, format, "<records>")
     if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(t)) for t in targets) + 1
+        max_new_tokens = _answer_room(tokenizer, targets)
 
     def decode(ids):
         return tokenizer.decode(cut_at_eos(ids, eos))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -111,7 +111,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     the frozen base is rebuilt from where `meta["base"]` says it came from.
     check_resume(saved_meta, where) may refuse to resume a run (the model config is checked here).
     `constants` (arrays neither trained nor checkpointed, e.g. a frozen reference model's weights)
-    reach the loss as its fourth argument (see jaxllm.training.step). Metrics the loss returns
+    reach the loss as its fourth argument (see jaxllm.training.step), and make_eval as
+    make_eval(graphdef, mesh, constants=...), placed on the mesh once for both. Metrics the loss returns
     besides its sum are logged with the loss.
     """
     optimizer = make_optimizer(optim)
@@ -147,7 +148,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     tokenizer_pending = tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir())
 
     step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh)
-    evaluate = make_eval(graphdef, mesh) if make_eval is not None else None
+    evaluate = None
+    if make_eval is not None:   # given the constants placed above: no second copy on the devices
+        evaluate = make_eval(graphdef, mesh) if constants is None else make_eval(graphdef, mesh, constants=constants)
     compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
     peak, peak_source = (loop.peak_flops, "train.peak_flops") if loop.peak_flops else peak_flops(compute_dtype)
     writer = MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard,

@@ -31,13 +31,22 @@ def metric_reduction(name: str):
     return jnp.minimum if name.startswith("min_") else jnp.maximum if name.startswith("max_") else jnp.add
 
 
-def _finish(aux: dict, count) -> dict:
+def _metric_start(name: str) -> float:
+    """The value a metric's reduction starts from (its identity)."""
+    return jnp.inf if name.startswith("min_") else -jnp.inf if name.startswith("max_") else 0.0
+
+
+def metric_means(sums: dict, count) -> dict:
     """Metric sums -> means over `count` (minima and maxima as they are)."""
-    return {k: v if k.startswith(("min_", "max_")) else v / count for k, v in aux.items()}
+    return {k: v if k.startswith(("min_", "max_")) else v / count for k, v in sums.items()}
+
+
+def _apply(loss_fn, model, batch, key, constants):
+    return loss_fn(model, batch, key) if constants is None else loss_fn(model, batch, key, constants)
 
 
 def _call(loss_fn, model, batch, key, constants):
-    out = loss_fn(model, batch, key) if constants is None else loss_fn(model, batch, key, constants)
+    out = _apply(loss_fn, model, batch, key, constants)
     return out if len(out) == 3 else (*out, {})
 
 
@@ -108,8 +117,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         else:
             # the metric sums' structure, from an abstract evaluation (no compute, no second copy)
             aux_shape = jax.eval_shape(lambda: sum_loss(state.trainable, state.frozen, first, keys[0], constants)[1][1])
-            aux0 = {name: jnp.full(a.shape, jnp.inf if name.startswith("min_") else -jnp.inf
-                                   if name.startswith("max_") else 0.0, jnp.float32) for name, a in aux_shape.items()}
+            aux0 = {name: jnp.full(a.shape, _metric_start(name), jnp.float32) for name, a in aux_shape.items()}
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0)
             (grads, loss_sum, count, aux), _ = jax.lax.scan(micro, carry, (batch, keys))
@@ -128,7 +136,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         # The update runs inside the cond's branch, so the donated buffers are updated in place;
         # a select between old and new state would make XLA copy every optimizer buffer.
         new_state = jax.lax.cond(ok, apply, lambda state, grads: state, state, grads)
-        metrics = {**_finish(aux, count), "loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
+        metrics = {**metric_means(aux, count), "loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         return new_state, metrics
@@ -146,7 +154,7 @@ def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None, constants=
 
     def evaluate(trainable, frozen, batch, constants):
         model = nnx.merge(graphdef, trainable, frozen)
-        return loss_fn(model, batch, None) if constants is None else loss_fn(model, batch, None, constants)
+        return _apply(loss_fn, model, batch, None, constants)
 
     jitted = jax.jit(evaluate)
     if mesh is None:
