@@ -107,6 +107,26 @@ def _cmd_dpo(args) -> None:
     _run_pairs(args, DPOConfig, run_dpo)
 
 
+def _run_online(args, config_cls, run) -> None:
+    """`jaxllm ppo` / `jaxllm grpo`: train, then the held-out metrics (greedy answers) before and after."""
+    config = _stage_config(config_cls, args)
+    result = run(config)
+    _print_run(config.train.out_dir, result.train, None, None)
+    for when, metrics in (("before", result.before), ("after", result.after)):
+        if metrics:
+            print(f"held-out {when}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _cmd_ppo(args) -> None:
+    from jaxllm.alignment.ppo import PPOConfig, run_ppo
+    _run_online(args, PPOConfig, run_ppo)
+
+
+def _cmd_grpo(args) -> None:
+    from jaxllm.alignment.grpo import GRPOConfig, run_grpo
+    _run_online(args, GRPOConfig, run_grpo)
+
+
 def _cmd_sample(args) -> None:
     import jax
     import numpy as np
@@ -195,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
           ", e.g. init.path=runs/sft data.train_file=pairs.jsonl data.eval_file=held.jsonl", _cmd_reward)
     stage("dpo", "direct preference optimization (init.path= an SFT run or HF dir)",
           ", e.g. init.path=runs/sft data.train_file=pairs.jsonl data.eval_file=held.jsonl dpo.beta=0.1", _cmd_dpo)
+    stage("ppo", "RLHF with PPO against a reward model (init.path= an SFT run or HF dir)",
+          ", e.g. init.path=runs/sft ppo.reward_model=runs/rm data.train_file=prompts.jsonl", _cmd_ppo)
+    stage("grpo", "GRPO with reward functions and/or a reward model (init.path= an SFT run or HF dir)",
+          ", e.g. init.path=runs/sft data.train_file=prompts.jsonl grpo.reward_funcs=[exact_match]", _cmd_grpo)
 
     ps = sub.add_parser("sample", help="generate text from a training run's checkpoint")
     ps.add_argument("--ckpt", required=True, help="the run directory (train.out_dir)")

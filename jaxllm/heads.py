@@ -1,4 +1,4 @@
-"""Scalar heads on a GPT trunk: the reward model of RLHF (and, later, PPO's value head).
+"""Scalar heads on a GPT trunk: the reward model of RLHF and PPO's value head.
 
 `RewardModel` is a GPT (`trunk`, whose LM head goes unused) plus `head`, a (D, 1) projection
 without bias initialised N(0, 0.02) as transformers' GPT2ForSequenceClassification initialises its
@@ -70,3 +70,20 @@ class RewardModel(nnx.Module):
                           else last_real_index(attention_mask))
         h_BD = jnp.take_along_axis(h_BTD, jnp.asarray(last_index)[:, None, None], axis=1)[:, 0]
         return self.head(h_BD)
+
+
+class PolicyWithValue(nnx.Module):
+    """PPO's model: the policy (a GPT, `trunk`) and a value head on its final hidden states, as the
+    value head shares the policy's trunk in TRL's AutoModelForCausalLMWithValueHead. The head is a
+    `HeadParam` tree of its own: it trains beside a LoRA, and a PPO run's policy is the trunk alone
+    (`jaxllm.runs.load_checkpoint` returns it)."""
+
+    def __init__(self, trunk: GPT, *, rngs: nnx.Rngs):
+        self.trunk = trunk
+        self.config = trunk.config
+        self.head = ScalarHead(self.config.n_embd, rngs=rngs, param_dtype=self.config.weight_dtype)
+
+    def values(self, h_BTD: jax.Array) -> jax.Array:
+        """(B, T) values read from hidden states (B, T, D)."""
+        B, T, D = h_BTD.shape
+        return self.head(h_BTD.reshape(B * T, D)).reshape(B, T)

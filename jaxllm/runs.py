@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
-from jaxllm.heads import HeadParam, RewardModel
+from jaxllm.heads import HeadParam, PolicyWithValue, RewardModel
 from jaxllm.interop.hf import from_hf, to_hf
 from jaxllm.model import GPT
 from jaxllm.peft import LoRA, PeftParam, merge, peft_modules
@@ -39,7 +39,8 @@ from jaxllm.training.rundir import CHECKPOINTS, TOKENIZER
 def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
     """(model, config, tokenizer or None, meta) from a training run's directory: needs nothing else
     (a PEFT run also needs its base, where its metadata says it is). The model is a GPT, or for a
-    reward-model run (meta["head"] == "reward") a `jaxllm.heads.RewardModel`."""
+    reward-model run (meta["head"] == "reward") a `jaxllm.heads.RewardModel`; a PPO run's (head
+    "value") is its policy, the GPT without the value head."""
     ckpt = Checkpointer(run_dir, create=False)
     try:
         meta = ckpt.read_meta(step)
@@ -55,16 +56,21 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None):
         ckpt.close()
     tok_dir = pathlib.Path(run_dir) / TOKENIZER
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    if meta.get("head") == "value":
+        model = model.trunk
     return model, cfg, tokenizer, meta
 
 
 def with_head(gpt: GPT, head: str | None):
-    """The model a run trains around its GPT: the GPT itself, or a RewardModel with a fresh head."""
+    """The model a run trains around its GPT: the GPT itself, or a RewardModel / PolicyWithValue
+    with a fresh head."""
     if head is None:
         return gpt
     if head == "reward":
         return RewardModel(trunk=gpt, rngs=nnx.Rngs(0))
-    raise ValueError(f"unknown model head {head!r} in the run's metadata; this jaxllm knows 'reward'")
+    if head == "value":
+        return PolicyWithValue(gpt, rngs=nnx.Rngs(0))
+    raise ValueError(f"unknown model head {head!r} in the run's metadata; this jaxllm knows 'reward' and 'value'")
 
 
 def _peft_model(meta: dict, run_dir):

@@ -35,7 +35,7 @@ from flax import nnx
 from jaxllm.logits_processors import SamplingConfig, apply_processors, needs_seen, sample_with_strategy
 
 __all__ = ["SamplingConfig", "cut_at_eos", "decode_stream", "generate", "generate_chunks", "prepare_prompts",
-           "sample_with_strategy", "stream"]
+           "sample_in_jit", "sample_with_strategy", "sampler_plan", "stream"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +137,29 @@ def _generate_jit(graphdef, state, prompt_BP, real_BP, key, settings, seen_BV, *
     st = _decode(model, plan, _prefill(model, plan, prompt_BP, real_BP, key, settings, seen_BV),
                  plan.max_new_tokens)
     return st["buf"], st["logp"]
+
+
+def sampler_plan(config, prompt_width: int, max_new_tokens: int, sampling: SamplingConfig, *, eos_id: int,
+                 pad_id: int):
+    """(plan, settings) for `sample_in_jit`: the static plan of a decode, by a model of `config` (a
+    GPTConfig), over (B, prompt_width) prompts
+    and its dynamic settings. For callers that sample inside their own compiled program (RL rollouts)
+    with weights passed as arguments; custom processors and the repetition penalty are not offered
+    there."""
+    if sampling.repetition_penalty != 1.0:
+        raise ValueError("sample_in_jit does not track seen tokens: the repetition penalty is not offered here")
+    n_cached = min(int(max_new_tokens), config.block_size - int(prompt_width) + 1)
+    plan = _Plan(int(max_new_tokens), n_cached, sampling.greedy, (), config.vocab_size)
+    settings = dict(processors=sampling.processors(), eos=np.int32(eos_id), pad=np.int32(pad_id))
+    return plan, settings
+
+
+def sample_in_jit(model, plan: _Plan, settings: dict, prompt_BP, real_BP, key):
+    """Traceable: the new tokens (B, max_new_tokens) and their raw log-probs, exactly as `generate`
+    draws them (same steps, same per-(step, row) keys), for use inside a caller's `jax.jit`."""
+    st = _decode(model, plan, _prefill(model, plan, prompt_BP, real_BP, key, settings, None), plan.max_new_tokens)
+    P = prompt_BP.shape[1]
+    return st["buf"][:, P:], st["logp"]
 
 
 # Streaming runs the same prefill and steps, in chunks; the non-streaming path above is untouched.

@@ -95,7 +95,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                trainable=nnx.Param, tokens_per_step: int, flops_per_token: float,
                tokenizer=None, checkpoint_frozen: bool = True,
                check_resume: Callable[[dict, Any], None] | None = None,
-               pad_values=None, constants=None) -> TrainResult:
+               pad_values=None, constants=None, online=None) -> TrainResult:
     """Train `model` (updated in place and returned) for loop.max_iters optimizer steps.
 
     If the run stops early (KeyboardInterrupt, NonFiniteLossError), `model` still holds the
@@ -114,6 +114,13 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     reach the loss as its fourth argument (see jaxllm.training.step), and make_eval as
     make_eval(graphdef, mesh, constants=...), placed on the mesh once for both. Metrics the loss returns
     besides its sum are logged with the loss.
+
+    `online` (instead of `batch_fn`, which is then None) makes batches from the current weights, as
+    RL rollouts do: an object with bind(graphdef, mesh), called once before the first step;
+    online(step, state) -> (batch, host metrics), called on this thread before each step, the batch
+    with a leading (updates,) axis before (accum, rows, ...): a step applies that many optimizer
+    updates; state_dict() -> a JSON-able dict stored in each checkpoint's metadata, and
+    load_state_dict(d) to resume from it (e.g. an adaptive KL coefficient).
     """
     optimizer = make_optimizer(optim)
     mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
@@ -147,7 +154,11 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     # any checkpoint (an error, a NaN at step 0) leaves nothing that looks like a run behind.
     tokenizer_pending = tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir())
 
-    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh)
+    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh, updates=online is not None)
+    if online is not None:
+        online.bind(graphdef, mesh)
+        if start:
+            online.load_state_dict(saved_meta.get("online", {}))
     evaluate = None
     if make_eval is not None:   # given the constants placed above: no second copy on the devices
         evaluate = make_eval(graphdef, mesh) if constants is None else make_eval(graphdef, mesh, constants=constants)
@@ -158,6 +169,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     base_key = jax.random.key(loop.seed)
 
     def make_batch(it):
+        if online is not None:
+            batch, host_metrics = online(it, state)
+            return (batch if mesh is None else parallel.shard_batch(batch, mesh, 2)), host_metrics
         batch = batch_fn(it)
         if rows != loop.batch_size:
             batch = parallel.pad_rows(batch, rows, pad_values, axis=1)
@@ -206,13 +220,18 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             window["steps"], window["start"] = 0, now
 
     try:
-        next_batch = prefetch.submit(make_batch, start) if start < loop.max_iters else None
+        next_batch = prefetch.submit(make_batch, start) if start < loop.max_iters and online is None else None
         for it in range(start, loop.max_iters):
-            batch = next_batch.result()
-            if it + 1 < loop.max_iters:  # built while this step runs
-                next_batch = prefetch.submit(make_batch, it + 1)
+            host_metrics = {}
+            if online is not None:   # from the latest weights: built here, after the last step
+                batch, host_metrics = make_batch(it)
+            else:
+                batch = next_batch.result()
+                if it + 1 < loop.max_iters:  # built while this step runs
+                    next_batch = prefetch.submit(make_batch, it + 1)
             with _interrupt_after_binding():  # Ctrl-C here must not lose the donated state
                 state, metrics = step_fn(state, batch, base_key, constants)
+            metrics = {**metrics, **host_metrics}
             pending.append((it, metrics))
             if it == start:  # compilation dominates the first step: not a throughput sample
                 jax.block_until_ready(metrics)
@@ -245,7 +264,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                 model_state = (nnx.merge_state(state.trainable, state.frozen) if checkpoint_frozen
                                else state.trainable)
                 ckpt.save(done, _host_copy(model_state),
-                          _host_copy({"step": state.step, "opt_state": state.opt_state}), meta)
+                          _host_copy({"step": state.step, "opt_state": state.opt_state}),
+                          meta if online is None else {**meta, "online": online.state_dict()})
                 if not loop.async_checkpoints:
                     ckpt.wait()
                 checkpoint_seconds += time.perf_counter() - t_ckpt

@@ -75,7 +75,7 @@ def lm_loss_fn(model, batch, key):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    lr_fn: Callable | None = None, mesh=None):
+                    lr_fn: Callable | None = None, mesh=None, updates: bool = False):
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
 
     With a `mesh` (see `jaxllm.parallel.data_mesh`) the state must be replicated on it and the
@@ -90,6 +90,10 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     every token weighs the same however the batch is split. A non-finite loss or gradient leaves
     the state unchanged and sets `metrics["finite"]` to False; the loop stops on it before the
     next checkpoint, so a NaN never reaches one.
+
+    With `updates=True` the batch has one more leading axis, (updates, accum, micro_batch, ...):
+    one call applies that many optimizer updates in turn (PPO's epochs over minibatches of one
+    rollout), and reports each metric's mean over them ("tokens" summed, "finite" all).
     """
 
     def sum_loss(trainable, frozen, micro_batch, key, constants):
@@ -99,7 +103,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
     grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-    def step(state: TrainState, batch, key, constants=None):
+    def one_update(state: TrainState, batch, key, constants=None):
         accum = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(key, state.step), accum)
 
@@ -140,6 +144,15 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         return new_state, metrics
+
+    def step(state: TrainState, batch, key, constants=None):
+        if not updates:
+            return one_update(state, batch, key, constants)
+        state, per_update = jax.lax.scan(lambda st, b: one_update(st, b, key, constants), state, batch)
+        metrics = {k: (jnp.all(v) if k == "finite" else jnp.sum(v) if k == "tokens"
+                       else jnp.min(v) if k.startswith("min_") else jnp.max(v) if k.startswith("max_")
+                       else jnp.mean(v)) for k, v in per_update.items()}
+        return state, metrics
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
