@@ -166,6 +166,7 @@ class GRPOResult:
     train: TrainResult
     before: dict
     after: dict
+    reference: typing.Any  # "adapter_off", (graphdef, state) of the frozen copy, or None
     history: list      # per step: rollout metrics and times
 
 
@@ -257,4 +258,4 @@ def run_grpo(config: GRPOConfig) -> GRPOResult:
                                      eos, pad)
     loss_fn = grpo_loss_fn(section, online.P, ro.temperature, ro.max_new_tokens)
     result, before, after = train_online("grpo", config, model, trainable, loss_fn, cfg, tok, online, make_eval)
-    return GRPOResult(result, before, after, online.history)
+    return GRPOResult(result, before, after, online.reference, online.history)

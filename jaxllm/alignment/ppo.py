@@ -176,6 +176,7 @@ class PPOResult:
     train: TrainResult
     before: dict
     after: dict
+    reference: typing.Any  # "adapter_off", (graphdef, state) of the frozen copy, or None
     history: list      # per step: rollout metrics, times and the KL coefficient used
 
 
@@ -301,4 +302,4 @@ def run_ppo(config: PPOConfig) -> PPOResult:
     loss_fn = ppo_loss_fn(section, online.P, ro.temperature)
     result, before, after = train_online("ppo", config, model, trainable, loss_fn, cfg, tok, online, make_eval,
                                          meta_extra={"head": "value"})
-    return PPOResult(result, before, after, online.history)
+    return PPOResult(result, before, after, online.reference, online.history)
