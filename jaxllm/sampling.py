@@ -17,8 +17,8 @@ Semantics, chosen once and relied on by tests:
 - Row b's sampling key at step i is fold_in(fold_in(key, i), b): steps, chunks (streaming) and
   batch size do not change the randomness of a given (step, row).
 - `return_logprobs` gives log p(token) under the model's RAW distribution (softmax of the
-  unprocessed logits: no temperature, truncation or penalty), which is what PPO's ratio needs;
-  positions after a row's EOS get 0.
+  unprocessed logits: no temperature, truncation or penalty); positions after a row's EOS get 0.
+  The RL stages score log-probs again at their sampling temperature (jaxllm.alignment.rollout).
 """
 
 from __future__ import annotations
