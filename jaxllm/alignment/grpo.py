@@ -29,12 +29,12 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.alignment.reward import load_reward_model, score
-from jaxllm.alignment.rollout import (PromptDataConfig, RolloutBatches, RolloutConfig, call_reward,
+from jaxllm.alignment.rollout import (PromptDataConfig, RLResult, RolloutBatches, RolloutConfig, call_reward,
                                       load_prompt_sets, load_reward_function, policy_logps, reference_logps,
                                       reward_evaluator, reward_name, start_policy, train_online)
 from jaxllm.peft import PeftSection
 from jaxllm.stages.sections import InitConfig
-from jaxllm.training.loop import LoopConfig, TrainResult
+from jaxllm.training.loop import LoopConfig
 from jaxllm.training.optim import OptimConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -161,15 +161,6 @@ class GRPOConfig:
         out_dir="runs/grpo", batch_size=32, max_iters=100, eval_interval=25, log_interval=1, ckpt_interval=25))
 
 
-@dataclasses.dataclass
-class GRPOResult:
-    train: TrainResult
-    before: dict
-    after: dict
-    reference: typing.Any  # "adapter_off", (graphdef, state) of the frozen copy, or None
-    history: list      # per step: rollout metrics and times
-
-
 def grpo_loss_fn(section: GRPOSection, P: int, temperature: float, max_new_tokens: int):
     def loss_fn(model, batch, key):
         logps = policy_logps(model, batch, P, temperature)[0]   # no dropout: ratios of one policy
@@ -240,7 +231,7 @@ def grpo_rewards(section: GRPOSection, tok):
     return fns, [float(w) for w in weights]
 
 
-def run_grpo(config: GRPOConfig) -> GRPOResult:
+def run_grpo(config: GRPOConfig) -> RLResult:
     section, ro, loop = config.grpo, config.rollout, config.train
     model, gpt, cfg, tok, trainable, reference = start_policy(config, "grpo", need_reference=section.beta > 0)
     train_prompts, held, eos, pad = load_prompt_sets(config.data, tok, cfg.block_size, ro.max_new_tokens, "grpo")
@@ -257,5 +248,4 @@ def run_grpo(config: GRPOConfig) -> GRPOResult:
         make_eval = reward_evaluator(held, tok, cfg, fns, weights, ro.max_new_tokens, config.data.eval_batch_size,
                                      eos, pad)
     loss_fn = grpo_loss_fn(section, online.P, ro.temperature, ro.max_new_tokens)
-    result, before, after = train_online("grpo", config, model, trainable, loss_fn, cfg, tok, online, make_eval)
-    return GRPOResult(result, before, after, online.reference, online.history)
+    return train_online("grpo", config, model, trainable, loss_fn, cfg, tok, online, make_eval)

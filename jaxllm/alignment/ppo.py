@@ -36,12 +36,12 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.alignment.reward import load_reward_model
-from jaxllm.alignment.rollout import (PromptDataConfig, RolloutBatches, RolloutConfig, completion_features,
+from jaxllm.alignment.rollout import (PromptDataConfig, RLResult, RolloutBatches, RolloutConfig, completion_features,
                                       completion_mask, load_prompt_sets, load_reward_function, reference_logps,
                                       reward_evaluator, start_policy, token_logps, train_online)
 from jaxllm.peft import PeftSection
 from jaxllm.stages.sections import InitConfig
-from jaxllm.training.loop import LoopConfig, TrainResult
+from jaxllm.training.loop import LoopConfig
 from jaxllm.training.optim import OptimConfig
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -171,15 +171,6 @@ class PPOConfig:
         out_dir="runs/ppo", batch_size=32, max_iters=100, eval_interval=25, log_interval=1, ckpt_interval=25))
 
 
-@dataclasses.dataclass
-class PPOResult:
-    train: TrainResult
-    before: dict
-    after: dict
-    reference: typing.Any  # "adapter_off", (graphdef, state) of the frozen copy, or None
-    history: list      # per step: rollout metrics, times and the KL coefficient used
-
-
 def ppo_loss_fn(section: PPOSection, P: int, temperature: float):
     """loss_fn(model, batch, key) on one minibatch: clipped policy loss + vf_coef x clipped value loss
     (means over real tokens), with TRL's metric names. No dropout: the ratio compares one policy."""
@@ -265,7 +256,7 @@ class PPORollouts(RolloutBatches):
         self.kl_coef = float(d.get("kl_coef", self.section.kl_coef))
 
 
-def run_ppo(config: PPOConfig) -> PPOResult:
+def run_ppo(config: PPOConfig) -> RLResult:
     section, ro, loop = config.ppo, config.rollout, config.train
     if not section.reward_model:
         raise ValueError("ppo.reward_model is required: a `jaxllm reward` run directory")
@@ -300,6 +291,5 @@ def run_ppo(config: PPOConfig) -> PPOResult:
         make_eval = reward_evaluator(held, tok, cfg, [load_reward_function(f) for f in fns], [1.0] * len(fns),
                                      ro.max_new_tokens, config.data.eval_batch_size, eos, pad, extra=rm_score)
     loss_fn = ppo_loss_fn(section, online.P, ro.temperature)
-    result, before, after = train_online("ppo", config, model, trainable, loss_fn, cfg, tok, online, make_eval,
-                                         meta_extra={"head": "value"})
-    return PPOResult(result, before, after, online.reference, online.history)
+    return train_online("ppo", config, model, trainable, loss_fn, cfg, tok, online, make_eval,
+                        meta_extra={"head": "value"})

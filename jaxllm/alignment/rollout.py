@@ -45,7 +45,7 @@ from jaxllm.model import count_params
 from jaxllm.peft import PeftParam, apply_method, format_report, parameter_report
 from jaxllm.runs import check_resume, peft_run_meta
 from jaxllm.sampling import cut_at_eos, sample_in_jit, sampler_plan
-from jaxllm.training.loop import train_loop
+from jaxllm.training.loop import TrainResult, train_loop
 from jaxllm.training.step import evaluate_model
 
 
@@ -352,6 +352,15 @@ def reward_evaluator(prompts: PromptSet, tokenizer, config, reward_fns, weights,
 # --------------------------------------------------------------------------- the driver both share
 
 
+@dataclasses.dataclass
+class RLResult:
+    train: TrainResult
+    before: dict           # held-out metrics (greedy answers) of the starting policy
+    after: dict
+    reference: typing.Any  # "adapter_off", (graphdef, state) of the frozen copy, or None
+    history: list          # per step: rollout metrics and times (PPO: the KL coefficient used)
+
+
 def start_policy(config, stage: str, value_head: bool = False, need_reference: bool = True):
     """(model, gpt, cfg, tokenizer, trainable, reference): the policy a stage trains (with PPO's value
     head), its PEFT method applied, and its reference: "adapter_off" (the same weights with the
@@ -393,7 +402,7 @@ def train_online(kind: str, config, model, trainable, loss_fn, cfg, tok, online:
                  meta_extra: dict | None = None):
     """The part of `jaxllm ppo` and `jaxllm grpo` after their model, loss and rollouts are set:
     the run's metadata, the held-out metrics before, the one training loop, the metrics after.
-    Returns (TrainResult, before, after)."""
+    Returns an RLResult."""
     loop = config.train
     peft_meta = peft_run_meta(model, trainable, config.init)
     meta = {"kind": kind, **(meta_extra or {}), "model": cfg.to_dict(), "config": to_dict(config),
@@ -410,4 +419,4 @@ def train_online(kind: str, config, model, trainable, loss_fn, cfg, tok, online:
     after = result.evals[max(result.evals)] if result.evals else {}
     if after:
         print("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
-    return result, before, after
+    return RLResult(result, before, after, online.reference, online.history)

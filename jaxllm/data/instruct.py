@@ -339,6 +339,18 @@ def skip_or_raise(problem: _FieldError, stats, source: str, line: int, on_error:
         stats.reasons.append(str(err))
 
 
+def numbered_records(records, stats):
+    """(1-based line, decoded record) of each non-blank record; counts blank lines and records seen
+    in ``stats.blank`` and ``stats.lines``."""
+    for line, record in enumerate(records, start=1):
+        record = decode_line(record)
+        if is_blank(record):
+            stats.blank += 1
+            continue
+        stats.lines += 1
+        yield line, record
+
+
 def jsonl_lines(f):
     """The lines of a JSONL file opened in binary mode. Iterating a binary file splits at b"\\n" only
     (str.splitlines would also split at U+2028 inside a JSON string), so line numbers match an
@@ -365,12 +377,7 @@ def tokenize_records(records: Iterable, tokenizer: Tokenizer, *, format: str = "
     eos, pad = resolve_special_ids(tokenizer, eos_id, pad_id)
     stats = InstructStats(source=source, format=None if format == "auto" else format)
     examples: list[TokenizedExample] = []
-    for line, record in enumerate(records, start=1):
-        record = decode_line(record)
-        if is_blank(record):
-            stats.blank += 1
-            continue
-        stats.lines += 1
+    for line, record in numbered_records(records, stats):
         try:
             record = parse_line(record)
             if stats.format is None and isinstance(record, dict):

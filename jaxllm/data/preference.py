@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from jaxllm.data.instruct import (ASSISTANT_TAG, Spans, TokenizedExample, _FieldError, _text, chat_spans,
-                                  decode_line, encode_spans, is_blank, jsonl_lines, parse_line, resolve_special_ids,
+                                  encode_spans, jsonl_lines, numbered_records, parse_line, resolve_special_ids,
                                   skip_or_raise)
 from jaxllm.data.packing import Rows, pad_examples
 from jaxllm.losses import IGNORE_INDEX
@@ -185,12 +185,7 @@ def tokenize_preferences(records: Iterable, tokenizer: Tokenizer, *, format: str
     chosen_out: list[TokenizedExample] = []
     rejected_out: list[TokenizedExample] = []
     margins: list[float] = []
-    for line, record in enumerate(records, start=1):
-        record = decode_line(record)
-        if is_blank(record):
-            stats.blank += 1
-            continue
-        stats.lines += 1
+    for line, record in numbered_records(records, stats):
         try:
             record = parse_line(record)
             if stats.format is None and isinstance(record, dict):

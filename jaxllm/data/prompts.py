@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxllm.data.instruct import (MAX_REASONS, _FieldError, _format_of, _record_spans,
-                                  decode_line, encode_spans, generation_split, is_blank, jsonl_lines,
+                                  encode_spans, generation_split, jsonl_lines, numbered_records,
                                   parse_line, skip_or_raise)
 from jaxllm.tokenizer import Tokenizer
 
@@ -91,12 +91,7 @@ def tokenize_prompts(records, tokenizer: Tokenizer, *, eos_id: int, pad_id: int,
                          f"or use a model with a longer block")
     stats = PromptStats(source)
     rows, texts, columns = [], [], []
-    for line, record in enumerate(records, start=1):
-        record = decode_line(record)
-        if is_blank(record):
-            stats.blank += 1
-            continue
-        stats.lines += 1
+    for line, record in numbered_records(records, stats):
         try:
             record = parse_line(record)
             spans, target = prompt_spans(record)
