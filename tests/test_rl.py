@@ -316,3 +316,22 @@ def test_ppo_refuses_a_reward_model_whose_tokenizer_differs(base, tmp_path):
     other.save(tmp_path / "rm" / "tokenizer")
     with pytest.raises(ValueError, match="not the one the reward model .* was trained with"):
         run_ppo(load_config(PPOConfig, None, _args(base, tmp_path / "p", f"ppo.reward_model={tmp_path}/rm")))
+
+
+def test_the_value_loss_trains_the_head_alone_unless_asked_to_train_the_trunk():
+    policy, rm, reference = _models()
+    batch, has_eos = _rollout_batch()
+    fields, _ = score_rollout(policy, rm, reference, batch, 5, 0.7, 0.05, PPOSection(), has_eos)
+    full = {**batch, **fields, "returns": np.asarray(fields["returns"]) + 3.0}     # a value error to learn from
+    graphdef, state = nnx.split(policy)
+
+    def grads(**section):
+        loss_fn = ppo_loss_fn(PPOSection(**section), 5, 0.7)
+        return jax.grad(lambda s: loss_fn(nnx.merge(graphdef, s), full, None)[0])(state)
+    policy_only = grads(vf_coef=0.0)
+    detached, shared = grads(vf_coef=0.5), grads(vf_coef=0.5, value_trains_trunk=True)
+    for a, b in zip(jax.tree.leaves(policy_only["trunk"]), jax.tree.leaves(detached["trunk"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(detached["head"]["kernel"][...]).sum()) > 0.0
+    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(policy_only["trunk"]), jax.tree.leaves(shared["trunk"])))

@@ -20,8 +20,11 @@ The stage (`run_ppo`): each step samples one completion per prompt inside the tr
 EOS, minus `missing_eos_penalty` when it never emitted EOS, adds the per-token KL penalty to the
 reference, computes GAE and whitens the advantages over the batch, then runs `rollout.epochs`
 (TRL's num_ppo_epochs, 4) passes over `rollout.num_mini_batches` minibatches of the clipped policy
-loss + vf_coef x the clipped value loss. The value head shares the policy's trunk
-(`jaxllm.heads.PolicyWithValue`). The KL coefficient is fixed, or adaptive (Ziegler et al., 2019)
+loss + vf_coef x the clipped value loss. The value head reads the policy's final hidden states
+(`jaxllm.heads.PolicyWithValue`); by default its loss trains the head alone (`value_trains_trunk`):
+with rewards of a few units the value loss is ~100x the policy loss, and through a shared trunk
+its gradient rewrites the policy (measured: held-out exact match fell while the reward model's
+score rose). The KL coefficient is fixed, or adaptive (Ziegler et al., 2019)
 when `ppo.kl_target` is set; its current value is checkpointed with the run.
 """
 
@@ -148,6 +151,8 @@ class PPOSection:
     lam: float = 0.95
     whiten_rewards: bool = False
     missing_eos_penalty: typing.Optional[float] = 1.0   # subtracted from the score of a response without EOS
+    value_trains_trunk: bool = False            # false: the value loss trains the head alone, on the
+                                                # policy's features (its gradient never reaches the policy)
 
     def __post_init__(self):
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -177,7 +182,7 @@ def ppo_loss_fn(section: PPOSection, P: int, temperature: float):
     def loss_fn(model, batch, key):
         h = completion_features(model.trunk, batch["tokens"], batch["attn"], P)
         logps, entropy = token_logps(model.trunk, h, batch["completion"], temperature)
-        values = model.values(h)
+        values = model.values(h if section.value_trains_trunk else jax.lax.stop_gradient(h))
         mask = batch["mask"]
         pg, pg_metrics = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cliprange=section.cliprange)
         vf, vf_metrics = value_loss(values, batch["old_values"], batch["returns"], mask,

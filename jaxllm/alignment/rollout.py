@@ -255,6 +255,7 @@ class RolloutBatches:
         return tree if self.mesh is None or tree is None else jax.device_put(tree, parallel.replicated(self.mesh))
 
     def __call__(self, step: int, state):
+        jax.block_until_ready(state.trainable)   # the last update: not rollout time
         t0 = time.perf_counter()
         n_prompts = self.rows // self.group
         idx = np.random.default_rng([self.seed, step]).integers(0, len(self.prompts), n_prompts)
@@ -404,6 +405,11 @@ def train_online(kind: str, config, model, trainable, loss_fn, cfg, tok, online:
     the run's metadata, the held-out metrics before, the one training loop, the metrics after.
     Returns an RLResult."""
     loop = config.train
+    # optim.warmup_iters / lr_decay_iters count rollout steps, as train.max_iters does; the optimizer
+    # counts updates, rollout.epochs x rollout.num_mini_batches of them per step
+    per_step = online.cfg.epochs * online.cfg.num_mini_batches
+    optim = dataclasses.replace(config.optim, warmup_iters=config.optim.warmup_iters * per_step,
+                                lr_decay_iters=config.optim.lr_decay_iters * per_step)
     peft_meta = peft_run_meta(model, trainable, config.init)
     meta = {"kind": kind, **(meta_extra or {}), "model": cfg.to_dict(), "config": to_dict(config),
             "data": {"train": config.data.train_file, "eval": config.data.eval_file, "eos_id": online.eos,
@@ -412,7 +418,7 @@ def train_online(kind: str, config, model, trainable, loss_fn, cfg, tok, online:
     if before:
         print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     T = online.P + online.cfg.max_new_tokens
-    result = train_loop(model, loss_fn, None, optim=config.optim, loop=loop, meta=meta, make_eval=make_eval,
+    result = train_loop(model, loss_fn, None, optim=optim, loop=loop, meta=meta, make_eval=make_eval,
                         trainable=trainable, tokens_per_step=online.rows * T * online.cfg.epochs,
                         flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
                         check_resume=lambda saved, where: check_resume(saved, meta, where), online=online)
