@@ -42,7 +42,7 @@ GRPO_SETTINGS = ["grpo.num_generations=8", "train.batch_size=256", "rollout.temp
                  "optim.learning_rate=3e-4", "optim.min_lr=3e-5", "optim.warmup_iters=0"]
 PPO_SETTINGS = ["train.batch_size=64", "rollout.num_mini_batches=4", "rollout.epochs=4", "rollout.temperature=0.7",
                 "rollout.max_new_tokens=6", "optim.learning_rate=1e-4", "optim.min_lr=1e-5", "optim.warmup_iters=0"]
-PPO_KL = [0.05, 0.2, 0.5]        # the first is the headline run
+PPO_KL = [1.0, 3.0, 0.2]          # the first is the headline run
 DPO_BETAS = [0.5, 2.0, 8.0]
 COMMON = ["train.progress=false", "train.overwrite=true", "train.tensorboard=false", "train.ckpt_interval=0",
           "train.log_interval=10", "data.eval_batch_size=100"]
@@ -168,8 +168,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="grpo,reward,ppo,frontier,speed")
-    p.add_argument("--grpo-steps", type=int, default=1000)
-    p.add_argument("--ppo-steps", type=int, default=400)
+    p.add_argument("--grpo-steps", type=int, default=1500)
+    p.add_argument("--ppo-steps", type=int, default=300)
     p.add_argument("--reward-steps", type=int, default=3000)
     p.add_argument("--out", default=str(HERE / "results" / "rl_tasks.json"))
     p.add_argument("--keep", default=None, help="directory to keep the runs in (reused: sft, pairs, reward model)")
