@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="grpo,reward,ppo,frontier,speed")
     p.add_argument("--grpo-steps", type=int, default=1500)
-    p.add_argument("--ppo-steps", type=int, default=300)
+    p.add_argument("--ppo-steps", type=int, default=500)
     p.add_argument("--reward-steps", type=int, default=3000)
     p.add_argument("--out", default=str(HERE / "results" / "rl_tasks.json"))
     p.add_argument("--keep", default=None, help="directory to keep the runs in (reused: sft, pairs, reward model)")

@@ -335,3 +335,21 @@ def test_the_value_loss_trains_the_head_alone_unless_asked_to_train_the_trunk():
     assert float(jnp.abs(detached["head"]["kernel"][...]).sum()) > 0.0
     assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
                zip(jax.tree.leaves(policy_only["trunk"]), jax.tree.leaves(shared["trunk"])))
+
+
+@pytest.mark.parametrize("name,cls", [("ppo.yaml", PPOConfig), ("grpo.yaml", GRPOConfig)])
+def test_shipped_rl_yaml_configs_load_with_every_key_known(name, cls):
+    """train/configs/{ppo,grpo}.yaml parse into their stage's config (unknown keys are errors) and
+    point at the README walkthrough's SFT run and prompt files."""
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "train" / "configs" / name
+    config = load_config(cls, str(path), [])
+    assert config.init.path == "runs/sft-add"
+    assert config.data.train_file == "runs/prompts/train.jsonl" and config.data.eval_file == "runs/prompts/eval.jsonl"
+    assert config.optim.lr_decay_iters == config.train.max_iters
+    rows = config.rollout.num_mini_batches * config.train.batch_size * config.train.grad_accum
+    assert rows == 256
+    if cls is PPOConfig:
+        assert config.ppo.reward_model == "runs/reward-deep-add" and config.ppo.kl_coef == 1.0
+    else:
+        assert rows % config.grpo.num_generations == 0 and config.grpo.reward_funcs == ["exact_match"]
