@@ -46,8 +46,8 @@ def _rollout_batch(B=4, P=5, R=6, seed=0):
         if at is not None:
             completion[b, at] = EOS
             completion[b, at + 1:] = PAD
-    mask, has_eos = (np.asarray(a) for a in completion_mask(completion, EOS))
-    tokens, attn = (np.asarray(a) for a in full_sequence(prompt, real, completion, mask))
+    mask, has_eos = completion_mask(completion, EOS)
+    tokens, attn = full_sequence(prompt, real, completion, mask)
     return {"tokens": tokens, "attn": attn, "completion": completion, "mask": mask}, has_eos
 
 
@@ -193,7 +193,7 @@ def test_every_completion_cut_before_eos_is_warned_with_the_fix():
     class Stub(RolloutBatches):
         def score(self, state, batch, info):
             return {}, {}
-    ro = Stub(ps, tok, CFG, rollout=RolloutConfig(max_new_tokens=3), rows=4, accum=1, micro=4, group=2,
+    ro = Stub(ps, tok, CFG, rollout=RolloutConfig(max_new_tokens=3), accum=1, micro=4, group=2,
               eos=1, pad=0, seed=0)
     ro._sample = lambda *a: np.full((4, 3), 5, np.int32)      # no EOS anywhere
     ro.mesh, ro.settings = None, None

@@ -236,8 +236,7 @@ def run_grpo(config: GRPOConfig) -> RLResult:
     model, gpt, cfg, tok, trainable, reference = start_policy(config, "grpo", need_reference=section.beta > 0)
     train_prompts, held, eos, pad = load_prompt_sets(config.data, tok, cfg.block_size, ro.max_new_tokens, "grpo")
     fns, weights = grpo_rewards(section, tok)
-    rows = ro.num_mini_batches * loop.batch_size * loop.grad_accum
-    online = GRPORollouts(train_prompts, tok, cfg, rollout=ro, rows=rows, accum=loop.grad_accum,
+    online = GRPORollouts(train_prompts, tok, cfg, rollout=ro, accum=loop.grad_accum,
                           micro=loop.batch_size, eos=eos, pad=pad, seed=loop.seed, section=section,
                           reward_fns=fns, weights=weights, reference=reference)
     print(f"grpo ({section.loss_type}, {section.num_generations} completions per prompt, beta {section.beta}) on "

@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxllm.alignment.reward import load_reward_model
 from jaxllm.alignment.rollout import (PromptDataConfig, RLResult, RolloutBatches, RolloutConfig, completion_features,
-                                      completion_mask, load_prompt_sets, load_reward_function, reference_logps,
+                                      completion_mask, full_sequence, load_prompt_sets, load_reward_function, reference_logps,
                                       reward_evaluator, start_policy, token_logps, train_online)
 from jaxllm.peft import PeftSection
 from jaxllm.stages.sections import InitConfig
@@ -271,11 +271,10 @@ def run_ppo(config: PPOConfig) -> RLResult:
     if rm_eos != eos:
         raise ValueError(f"the reward model {section.reward_model} reads its score at EOS id {rm_eos}, but the "
                          f"policy ends responses with EOS id {eos}; set data.eos_id={rm_eos}")
-    rows = ro.num_mini_batches * loop.batch_size * loop.grad_accum
-    online = PPORollouts(train_prompts, tok, cfg, rollout=ro, rows=rows, accum=loop.grad_accum, micro=loop.batch_size,
+    online = PPORollouts(train_prompts, tok, cfg, rollout=ro, accum=loop.grad_accum, micro=loop.batch_size,
                          eos=eos, pad=pad, seed=loop.seed, section=section, reward_model=reward_model,
                          reference=reference)
-    print(f"ppo on {len(train_prompts):,} prompts, {rows} rollouts per step, {ro.epochs} epochs x "
+    print(f"ppo on {len(train_prompts):,} prompts, {online.rows} rollouts per step, {ro.epochs} epochs x "
           f"{ro.num_mini_batches} minibatches; kl_coef {section.kl_coef}"
           + (f" (adaptive, target {section.kl_target})" if section.kl_target is not None else ""))
     make_eval = None
@@ -284,9 +283,7 @@ def run_ppo(config: PPOConfig) -> RLResult:
         score_jit = jax.jit(lambda st, tokens, attn: nnx.merge(rm_graphdef, st)(tokens, attention_mask=attn))
 
         def rm_score(state, completion):
-            mask, _ = completion_mask(completion, eos)
-            tokens = np.concatenate([held.tokens, completion], axis=1)
-            attn = np.concatenate([held.real, np.asarray(mask)], axis=1)
+            tokens, attn = full_sequence(held.tokens, held.real, completion, completion_mask(completion, eos)[0])
             n, B = len(tokens), config.data.eval_batch_size
             scores = [np.asarray(score_jit(rm_state, tokens[np.arange(s, s + B) % n], attn[np.arange(s, s + B) % n]))
                       for s in range(0, n, B)]

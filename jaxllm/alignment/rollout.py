@@ -105,16 +105,15 @@ def policy_of(model):
 
 
 def completion_mask(completion_BR, eos: int):
-    """(mask (B, R): the tokens up to and including the first EOS, has_eos (B,))."""
-    is_eos = completion_BR == eos
-    before = jnp.cumsum(is_eos, axis=1) - is_eos          # EOS seen strictly before each position
-    return before == 0, jnp.any(is_eos, axis=1)
+    """(mask (B, R): the tokens up to and including the first EOS, has_eos (B,)), in numpy (host side)."""
+    is_eos = np.asarray(completion_BR) == eos
+    before = np.cumsum(is_eos, axis=1) - is_eos           # EOS seen strictly before each position
+    return before == 0, is_eos.any(axis=1)
 
 
 def full_sequence(prompt_BP, real_BP, completion_BR, mask_BR):
     """(tokens (B, P+R), attention mask (B, P+R)): the prompt's real tokens and the completion's."""
-    return (jnp.concatenate([prompt_BP, completion_BR], axis=1),
-            jnp.concatenate([real_BP, mask_BR], axis=1))
+    return (np.concatenate([prompt_BP, completion_BR], axis=1), np.concatenate([real_BP, mask_BR], axis=1))
 
 
 def completion_features(gpt, tokens_BT, attn_BT, P: int, dropout_key=None):
@@ -216,8 +215,9 @@ class RolloutBatches:
     reads besides tokens/attn/completion/mask, and rollout metrics; `state_dict`/`load_state_dict`
     if they keep state between rollouts."""
 
-    def __init__(self, prompts: PromptSet, tokenizer, config, *, rollout: RolloutConfig, rows: int, accum: int,
+    def __init__(self, prompts: PromptSet, tokenizer, config, *, rollout: RolloutConfig, accum: int,
                  micro: int, group: int, eos: int, pad: int, seed: int):
+        rows = rollout.num_mini_batches * micro * accum
         if rows % group:
             raise ValueError(f"rows per rollout ({rows} = rollout.num_mini_batches x train.batch_size x "
                              f"train.grad_accum) must be a multiple of the samples per prompt ({group})")
@@ -265,9 +265,8 @@ class RolloutBatches:
         completion = np.asarray(self._sample(state.trainable, state.frozen, self.settings,
                                              self._place(prompt), self._place(real), key))
         t1 = time.perf_counter()
-        mask, has_eos = (np.asarray(a) for a in completion_mask(completion, self.eos))
-        tokens = np.concatenate([prompt, completion], axis=1)
-        attn = np.concatenate([real, mask], axis=1)
+        mask, has_eos = completion_mask(completion, self.eos)
+        tokens, attn = full_sequence(prompt, real, completion, mask)
         batch = {"tokens": tokens, "attn": attn, "completion": completion, "mask": mask}
         fields, metrics = self.score(state, batch, dict(step=step, idx=idx, has_eos=has_eos))
         batch.update(fields)
@@ -342,8 +341,7 @@ def reward_evaluator(prompts: PromptSet, tokenizer, config, reward_fns, weights,
                 out = {"val_reward": float(total.mean()), **out}
             if extra is not None:
                 out = {**extra(state, completion), **out}
-            mask, _ = completion_mask(completion, eos)
-            out["val_length"] = float(np.asarray(mask).sum(axis=1).mean())
+            out["val_length"] = float(completion_mask(completion, eos)[0].sum(axis=1).mean())
             return out
         return evaluate
     return make_eval
@@ -370,14 +368,8 @@ def start_policy(config, stage: str, value_head: bool = False, need_reference: b
     gpt, cfg, tok = base_and_tokenizer(config.init, config.data.tokenizer, stage)
     trainable = apply_method(gpt, config.peft)
     full = trainable is nnx.Param
-    reference = None
-    if not need_reference:
-        pass
-    elif full:
-        ref_graphdef, ref_state = nnx.split(gpt)
-        reference = (ref_graphdef, jax.tree.map(jnp.copy, ref_state))   # own buffers: the step donates the model's
-    else:
-        reference = "adapter_off"
+    reference = None if not need_reference else "adapter_off" if not full else \
+        (nnx.graphdef(gpt), jax.tree.map(jnp.copy, nnx.state(gpt)))   # own buffers: the step donates the model's
     model = gpt
     if value_head:
         model = PolicyWithValue(gpt, rngs=nnx.Rngs(config.peft.seed))
