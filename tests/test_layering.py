@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(jaxllm.__file__).parent
 # Floors from the bottom; a module may import its own floor and the ones below it.
 FLOORS = [
     {"config", "configfile", "fileio", "losses", "tokenizer", "logits_processors", "parallel"},
-    {"model", "heads", "data", "sampling"},
+    {"model", "heads", "data", "sampling", "embeddings"},
     {"peft"},
     {"interop"},
     {"training"},
