@@ -33,6 +33,7 @@ import numpy as np
 CONFIG_NAME = "tokenizer_config.json"
 CHAR_EOS, CHAR_PAD = "\x03", "\x00"  # a char vocabulary's EOS (ETX) and PAD (NUL), when it has them
 HF_FILE_NAME = "tokenizer.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # an HF tokenizer's chat template, as transformers saves it
 KINDS = ("char", "bpe", "gpt2", "hf")
 
 GPT2_RANKS_ENV = "JAXLLM_GPT2_RANKS"
@@ -204,12 +205,34 @@ def _tokenizers():
     return tokenizers
 
 
+def _read_chat_template(directory: Path) -> str | None:
+    """The chat template stored in a tokenizer directory: ``chat_template.jinja`` (what transformers
+    and ``HFTokenizer.save`` write), else the "chat_template" key of ``tokenizer_config.json`` (older
+    transformers saves; a list of named templates gives the one named "default"), else None."""
+    if (directory / CHAT_TEMPLATE_NAME).is_file():
+        return (directory / CHAT_TEMPLATE_NAME).read_text(encoding="utf-8")
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no config, or not JSON: load_tokenizer reports a bad config itself
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
 class HFTokenizer(Tokenizer):
-    """Any HF ``tokenizer.json``; ids are the raw text's (no [CLS]/[SEP] added)."""
+    """Any HF ``tokenizer.json``; ids are the raw text's (no [CLS]/[SEP] added).
+
+    ``chat_template``: an optional Jinja chat template (as in transformers), used by
+    ``jaxllm.prompting.apply_chat_template``. Read from the tokenizer.json's folder when not given
+    (see ``_read_chat_template``) and saved as ``chat_template.jinja``."""
 
     kind = "hf"
 
-    def __init__(self, path=None, eos_token: str | None = None, pad_token: str | None = None, *, backend=None):
+    def __init__(self, path=None, eos_token: str | None = None, pad_token: str | None = None, *, backend=None,
+                 chat_template: str | None = None):
         if backend is None:
             path = Path(path)
             if path.is_dir():
@@ -224,7 +247,10 @@ class HFTokenizer(Tokenizer):
             except Exception as e:  # noqa: BLE001 - the library raises a bare Exception on a bad file
                 raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e}); pass an HF "
                                  f"tokenizer.json, a directory written by Tokenizer.save(), or gpt2") from None
+            if chat_template is None:
+                chat_template = _read_chat_template(path.parent)
         self.backend = backend
+        self.chat_template = chat_template
         self.eos_token = eos_token if eos_token is not None else self._guess(EOS_GUESSES)
         self.pad_token = pad_token if pad_token is not None else self._guess(PAD_GUESSES)
         self._eos_id = self._lookup(self.eos_token, "eos_token")
@@ -279,6 +305,10 @@ class HFTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> None:
         _atomic_write_text(directory / HF_FILE_NAME, self.backend.to_str(pretty=True))
+        if self.chat_template is not None:
+            _atomic_write_text(directory / CHAT_TEMPLATE_NAME, self.chat_template)
+        else:  # a template left by an earlier save would be read back as this tokenizer's
+            (directory / CHAT_TEMPLATE_NAME).unlink(missing_ok=True)
 
 
 class BPETokenizer(HFTokenizer):
