@@ -54,12 +54,12 @@ def test_classification_renders_pairs_and_dicts_and_zero_examples():
 
 
 @pytest.mark.parametrize("examples, message", [
-    ([("ok", "Positive"), ("meh", "Happy")], "example 1: label 'Happy' is not one of Positive, Negative, Neutral"),
-    ([("only text",)], "example 0 is"),
-    ([("a", "Positive"), ("b", "Negative", "extra")], "example 1 is"),
-    ([{"input": "no output"}], "example 0 is"),
-    ([(3, "Positive")], "example 0: text and label must be strings"),
-    ("Text: x\nSentiment: Positive", "expected a list of \\(text, label\\) pairs, got str"),
+    ([("ok", "Positive"), ("meh", "Happy")], "examples\\[1\\]: label 'Happy' is not one of Positive, Negative, Neutral"),
+    ([("only text",)], "examples\\[0\\] is .*not an \\(input, output\\) pair"),
+    ([("a", "Positive"), ("b", "Negative", "extra")], "examples\\[1\\] is"),
+    ([{"input": "no output"}], "examples\\[0\\] is a dict without 'input' and 'output'"),
+    ([(3, "Positive")], "examples\\[0\\] is .*not an \\(input, output\\) pair of strings"),
+    ("Text: x\nSentiment: Positive", "must be a list of \\(input, output\\) pairs, got str"),
 ])
 def test_classification_bad_examples_name_the_template_field_and_example(examples, message):
     with pytest.raises(TemplateError, match=message) as err:

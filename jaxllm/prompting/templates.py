@@ -24,6 +24,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxllm.data.instruct import ASSISTANT_TAG, ROLES, chat_spans
+from jaxllm.prompting.few_shot import as_examples
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -132,22 +133,10 @@ def _sentence_count(n) -> str:
 
 def _sentiment_examples(examples) -> str:
     """Few-shot examples as text: each an (input, label) pair, or {"input": ..., "output": ...}."""
-    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence):
-        raise TypeError(f"expected a list of (text, label) pairs, got {type(examples).__name__}")
     shots = []
-    for i, example in enumerate(examples):
-        if isinstance(example, Mapping) and {"input", "output"} <= example.keys():
-            text, label = example["input"], example["output"]
-        elif isinstance(example, (tuple, list)) and len(example) == 2:
-            text, label = example
-        else:
-            raise ValueError(f"example {i} is {example!r}; each example is a (text, label) pair or a "
-                             f"{{'input': text, 'output': label}} dict")
-        if not isinstance(text, str) or not isinstance(label, str):
-            raise ValueError(f"example {i}: text and label must be strings, got {type(text).__name__} "
-                             f"and {type(label).__name__}")
+    for i, (text, label) in enumerate(as_examples(examples)):
         if label not in SENTIMENT_LABELS:
-            raise ValueError(f"example {i}: label {label!r} is not one of {', '.join(SENTIMENT_LABELS)}")
+            raise ValueError(f"examples[{i}]: label {label!r} is not one of {', '.join(SENTIMENT_LABELS)}")
         shots.append(f"Text: {text}\nSentiment: {label}\n\n")
     return "".join(shots)
 
