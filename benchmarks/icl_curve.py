@@ -40,7 +40,7 @@ by `ExampleSelector.select(..., "semantic")` (cosine nearest inputs under the Mi
 the pool embedded once). The nearest example is the query's own symbol, so semantic selection carries
 the answer while random selection carries it with probability 4/32.
 
-    python benchmarks/icl_curve.py            # train (~14 min on 2 cores) + evaluate; JSON + PNG
+    python benchmarks/icl_curve.py            # train (~10 min on 2 cores) + evaluate; JSON + PNG
     python benchmarks/icl_curve.py --quick    # a short smoke run: not the targets
 """
 
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where the corpus and the run go (default: a temp dir)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the run a previous call left in --work")
     args = ap.parse_args()
-    iters = args.iters or (300 if args.quick else 13500)
+    iters = args.iters or (300 if args.quick else 10000)
     n_eval = 50 if args.quick else args.episodes
 
     from jaxllm.parallel import setup_cpu
@@ -177,7 +177,7 @@ def main() -> None:
     print(f"selection (4 shots from a 32-pair pool): {selection}")
 
     out = {
-        "model": {"n_layer": 3, "n_head": 4, "n_embd": 128, "block_size": 64, "tokenizer": "bpe (trained on the episodes)"},
+        "model": {"n_layer": 3, "n_head": 4, "n_embd": 128, "block_size": 64, "tokenizer": "word-level (symbol_tokenizer)"},
         "train_iters": train["iters"], "train_wall_s": round(train["wall_s"], 1), "final_val_loss": train["val_loss"],
         "eval_episodes_per_k": n_eval, "labels": list(LABELS), "chance": 1 / len(LABELS),
         "shots": {str(k): v for k, v in curve.items()},
