@@ -16,7 +16,7 @@ FLOORS = [
     {"interop"},
     {"training"},
     {"runs"},
-    {"stages", "alignment", "prompting"},
+    {"stages", "alignment", "prompting", "apps"},
     {"cli"},
 ]
 
