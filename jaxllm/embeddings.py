@@ -250,7 +250,8 @@ class SentenceEncoder:
         import tokenizers
 
         path = resolve_encoder_path(path)
-        cfg = BertConfig.from_hf(_read_json(path / "config.json"), str(path / "config.json"))
+        hf_config = _read_json(path / "config.json")
+        cfg = BertConfig.from_hf(hf_config, str(path / "config.json"))
         pooling_cfg = _read_json(path / "1_Pooling" / "config.json")
         modes = [mode for key, mode in POOLING_MODES.items() if pooling_cfg.get(key)]
         other = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v and k not in POOLING_MODES]
@@ -284,7 +285,7 @@ class SentenceEncoder:
                 raise RuntimeError(f"encoder parameter {keys} has no counterpart of its shape in _hf_to_nnx")
         model = nnx.merge(graphdef, nnx.from_flat_state([(k, v.replace(jnp.asarray(values[k]))) for k, v in flat]))
         return cls(model, backend, max_seq_length=max_seq_length, pooling=modes[0], normalize=normalize,
-                   path=path, name=_read_json(path / "config.json").get("_name_or_path") or path.name)
+                   path=path, name=hf_config.get("_name_or_path") or path.name)
 
     @property
     def dim(self) -> int:
