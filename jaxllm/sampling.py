@@ -2,8 +2,9 @@
 
 Prefill and the whole decode loop are ONE compiled function (`lax.while_loop`s over a fixed-size
 KVCache and token buffer), recompiled only when the batch, the prompt width, `max_new_tokens`, the
-set of strategies in use, top_k or custom processors change: temperature, top_p, min_p, the
-repetition penalty and the eos/pad ids are arguments of the compiled loop, not constants in it.
+set of strategies in use, top_k, the number of stop ids or custom processors change: temperature,
+top_p, min_p, the repetition penalty and the stop/pad ids are arguments of the compiled loop, not
+constants in it.
 
 Semantics, chosen once and relied on by tests:
 - Batched prompts of different lengths are left-padded; padding takes no position and no
@@ -14,6 +15,9 @@ Semantics, chosen once and relied on by tests:
   learned positions move with the window, so no cached key stays valid: those steps recompute a
   full window (much slower per token). Keep prompt + max_new_tokens <= block_size + 1 to stay on
   the cached path.
+- A row stops at `eos_id` or at any of `stop_ids` (e.g. the newline token, or the first token of
+  "Observation:"): that token is written, then only `pad_id`. `generate_text` works in text:
+  stop strings, the continuation cut before the first of them.
 - Row b's sampling key at step i is fold_in(fold_in(key, i), b): steps, chunks (streaming) and
   batch size do not change the randomness of a given (step, row).
 - `return_logprobs` gives log p(token) under the model's RAW distribution (softmax of the
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +38,14 @@ from flax import nnx
 
 from jaxllm.logits_processors import SamplingConfig, apply_processors, needs_seen, sample_with_strategy
 
-__all__ = ["SamplingConfig", "cut_at_eos", "decode_stream", "generate", "generate_chunks", "prepare_prompts",
-           "sample_in_jit", "sample_with_strategy", "sampler_plan", "stream"]
+__all__ = ["SamplingConfig", "cut_at_eos", "cut_at_stop", "decode_stream", "generate", "generate_chunks",
+           "generate_text", "prepare_prompts", "sample_in_jit", "sample_with_strategy", "sampler_plan", "stream"]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static settings of one compiled decode (hashable: a jit static argument). The dynamic ones
-    travel in the decode state as `settings`: built-in processors, eos id (-1: none), pad id."""
+    travel in the decode state as `settings`: built-in processors, stop ids (eos first; -1: none), pad id."""
 
     max_new_tokens: int
     n_cached: int          # new tokens produced while every position fits the cache
@@ -76,7 +80,7 @@ def _choose(plan: _Plan, logits_BV, st: dict):
     P = st["buf"].shape[1] - plan.max_new_tokens
     st = dict(st, buf=jax.lax.dynamic_update_slice(st["buf"], tok_B[:, None], (0, P + st["i"])),
               logp=jax.lax.dynamic_update_slice(st["logp"], logp_B[:, None], (0, st["i"])),
-              done=done_B | (tok_B == settings["eos"]), i=st["i"] + 1)
+              done=done_B | jnp.any(tok_B[:, None] == settings["stop"][None, :], axis=1), i=st["i"] + 1)
     if st["seen"] is not None:
         st["seen"] = st["seen"].at[jnp.arange(B), tok_B].set(True)
     return st
@@ -150,7 +154,7 @@ def sampler_plan(config, prompt_width: int, max_new_tokens: int, sampling: Sampl
         raise ValueError("sample_in_jit does not track seen tokens: the repetition penalty is not offered here")
     n_cached = min(int(max_new_tokens), config.block_size - int(prompt_width) + 1)
     plan = _Plan(int(max_new_tokens), n_cached, sampling.greedy, (), config.vocab_size)
-    settings = dict(processors=sampling.processors(), eos=np.int32(eos_id), pad=np.int32(pad_id))
+    settings = dict(processors=sampling.processors(), stop=_stop_array(eos_id, ()), pad=np.int32(pad_id))
     return plan, settings
 
 
@@ -226,13 +230,25 @@ def prepare_prompts(prompt_ids, block_size: int | None, pad_id: int = 0, prompt_
 def cut_at_eos(ids, eos_id: int | None) -> list[int]:
     """The ids before the first `eos_id` (all of them if it is None or absent): after EOS a row
     holds only padding."""
+    return cut_at_stop(ids, () if eos_id is None else (eos_id,))
+
+
+def cut_at_stop(ids, stop_ids) -> list[int]:
+    """The ids before the first of any of `stop_ids` (all of them if none occurs)."""
     ids = np.asarray(ids).reshape(-1).tolist()
-    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+    stops = set(int(s) for s in stop_ids)
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def _stop_array(eos_id, stop_ids) -> np.ndarray:
+    """The ids that end a row (eos first), int32; [-1] (matches nothing) when there are none."""
+    ids = ([] if eos_id is None else [int(eos_id)]) + [int(s) for s in stop_ids]
+    return np.asarray(list(dict.fromkeys(ids)) or [-1], np.int32)
 
 
 class _Prepared(NamedTuple):
     plan: _Plan
-    settings: dict        # built-in processors, eos id (-1: none), pad id: arguments of the compiled loop
+    settings: dict        # built-in processors, stop ids, pad id: arguments of the compiled loop
     tokens: np.ndarray    # (B, P) left-padded prompts, cropped to the block
     real: np.ndarray      # (B, P) bool
     seen: np.ndarray | None  # (B, V) tokens of the WHOLE prompt, for the repetition penalty
@@ -241,11 +257,15 @@ class _Prepared(NamedTuple):
 
 
 def _setup(model, prompt_ids, max_new_tokens, prompt_mask, sampling: SamplingConfig, eos_id, pad_id,
-           logits_processors) -> _Prepared:
+           logits_processors, stop_ids=()) -> _Prepared:
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+    if isinstance(stop_ids, (int, np.integer)) or isinstance(stop_ids, str):
+        raise ValueError(f"stop_ids must be a sequence of token ids, got {stop_ids!r}")
+    stop_ids = tuple(stop_ids)
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id),
+                        *((f"stop_ids[{i}]", s) for i, s in enumerate(stop_ids))):
         if value is not None and not 0 <= int(value) < cfg.vocab_size:
             raise ValueError(f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size})")
     pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
@@ -267,13 +287,13 @@ def _setup(model, prompt_ids, max_new_tokens, prompt_mask, sampling: SamplingCon
         seen[rows, full[rows, cols]] = True
     tokens, real = full[:, -cfg.block_size:], real_full[:, -cfg.block_size:]  # crop from the left
     plan = _plan(model, tokens.shape[1], int(max_new_tokens), sampling.greedy, logits_processors)
-    settings = dict(processors=processors, eos=np.int32(-1 if eos_id is None else eos_id), pad=np.int32(pad))
+    settings = dict(processors=processors, stop=_stop_array(eos_id, stop_ids), pad=np.int32(pad))
     return _Prepared(plan, settings, tokens, real, seen, squeeze, full)
 
 
 def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
              eos_id: int | None = None, pad_id: int | None = None, key: jax.Array | None = None,
-             return_logprobs: bool = False, prompt_mask=None, logits_processors=(), **strategy):
+             return_logprobs: bool = False, prompt_mask=None, logits_processors=(), stop_ids=(), **strategy):
     """Continue prompts; returns ids (B, P + max_new_tokens), or (P + max_new_tokens,) for a 1-D prompt.
 
     `prompt_ids`: (P,), (B, P) (with `prompt_mask` if left-padded) or a list of int lists (left-padded
@@ -283,12 +303,12 @@ def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: Sampl
     repetition_penalty (1.0 = off; counts prompt and generated tokens, not padding); plus any
     hashable `logits_processors` `(logits_BV, seen_BV) -> logits_BV`, applied last (they are static
     settings of the compiled loop: a new one compiles it again).
-    After a row emits `eos_id` it emits `pad_id` (default: eos_id, else 0); the loop stops when
-    every row has. With `return_logprobs`, returns (ids, logprobs (B, max_new_tokens)): the raw
+    After a row emits `eos_id` or any of `stop_ids` it emits `pad_id` (default: eos_id, else 0); the
+    loop stops when every row has. With `return_logprobs`, returns (ids, logprobs (B, max_new_tokens)): the raw
     model log-probability of each new token (0 after EOS).
     """
     prep = _setup(model, prompt_ids, max_new_tokens, prompt_mask, SamplingConfig.build(sampling, **strategy),
-                  eos_id, pad_id, logits_processors)
+                  eos_id, pad_id, logits_processors, stop_ids)
     full = prep.full
     if prep.plan.max_new_tokens == 0:
         out, logp = full, np.zeros((full.shape[0], 0), np.float32)
@@ -308,14 +328,15 @@ def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: Sampl
 
 def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: SamplingConfig | None = None,
                     *, chunk_size: int = 8, eos_id: int | None = None, pad_id: int | None = None,
-                    key: jax.Array | None = None, prompt_mask=None, logits_processors=(), **strategy):
+                    key: jax.Array | None = None, prompt_mask=None, logits_processors=(), stop_ids=(),
+                    **strategy):
     """Like `generate` (same arguments), but yields the new tokens as numpy (B, n) blocks,
     `chunk_size` steps per compiled call; the first block comes from the prefill alone. Stops
-    after every row's EOS."""
+    after every row's EOS (or stop id)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     prep = _setup(model, prompt_ids, max_new_tokens, prompt_mask, SamplingConfig.build(sampling, **strategy),
-                  eos_id, pad_id, logits_processors)
+                  eos_id, pad_id, logits_processors, stop_ids)
     plan = prep.plan
     if plan.max_new_tokens == 0:
         return
@@ -385,3 +406,45 @@ def stream(model: nnx.Module, tokenizer, prompt, max_new_tokens: int = 256,
                 return
 
     yield from decode_stream(tokenizer, until_eos())
+
+
+def generate_text(model: nnx.Module, tokenizer, prompts, max_new_tokens: int,
+                  sampling: SamplingConfig | None = None, *, stop: Sequence[str] = (), key: jax.Array | None = None,
+                  must_fit: bool = False, logits_processors=(), **strategy) -> list[str]:
+    """The continuations of text prompts (one string or a list, run as ONE batched `generate` call),
+    as text, cut before the tokenizer's EOS and before the first of the `stop` strings (which are
+    not included, as in OpenAI's API). A stop string that is one token also stops its row early
+    (a `stop_ids` entry), so the batch ends as soon as every row has stopped; a longer one cuts the
+    text afterwards. Returns one string per prompt (a list even for one prompt). Prompts are
+    cropped from the left to the block as `generate` does, unless `must_fit`: then a prompt that
+    with `max_new_tokens` exceeds the model's block_size is a ValueError naming it."""
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+    eos = tokenizer.eos_id
+    rows = [tokenizer.encode(p) or [eos if eos is not None else 0] for p in prompts]
+    block = model.config.block_size
+    for i, r in enumerate(rows):
+        if must_fit and len(r) + max_new_tokens > block:
+            raise ValueError(f"prompt {i} is {len(r)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                             f"the model's block_size {block}: shorten the prompt or lower max_new_tokens")
+    stop_ids = []
+    for s in stop:
+        ids = tokenizer.encode(s)
+        if len(ids) == 1 and tokenizer.decode(ids) == s:
+            stop_ids.append(ids[0])
+    pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else eos
+    out = np.asarray(generate(model, rows, max_new_tokens, sampling, eos_id=eos, pad_id=pad, key=key,
+                              logits_processors=logits_processors, stop_ids=stop_ids, **strategy))
+    width = max(len(r) for r in rows)
+    texts = []
+    for row in out[:, width:]:
+        text = tokenizer.decode(cut_at_eos(row, eos))
+        for s in stop:
+            text = text.split(s, 1)[0]
+        texts.append(text)
+    return texts

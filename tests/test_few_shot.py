@@ -1,5 +1,8 @@
 """Few-shot prompts and predictions, example selection (random / semantic / diverse / MMR), k-means."""
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -7,6 +10,7 @@ from flax import nnx
 from jaxllm.config import GPTConfig
 from jaxllm.model import GPT
 from jaxllm.prompting import ExampleSelector, FewShotLearner, kmeans, select_examples
+from jaxllm.sampling import generate_text
 from jaxllm.tokenizer import CharTokenizer
 
 TASK = "Give each word its colour."
@@ -56,12 +60,29 @@ def test_batched_prediction_equals_one_by_one(learner):
     assert all("\n" not in p and p == p.strip() for p in batched + shared)
 
 
-def test_answer_stops_at_newline(learner):
-    assert learner.stop_id == learner.tokenizer.encode("\n")[0]
-    prompts = [learner.create_few_shot_prompt(TASK, EXAMPLES, q) for q in ("grass", "sea")]
-    # up to max_new_tokens; what the answers keep is the first line of each continuation, stripped
-    raw = learner._generate(prompts, None, None, 12, {})
-    assert all("\n" not in r for r in raw)
+@dataclasses.dataclass(frozen=True)
+class _ThenNewline:
+    """Steers greedy decoding: `first` until it has been written, then a newline."""
+    first: int
+    newline: int
+    needs_seen = True
+
+    def __call__(self, logits_BV, seen_BV):
+        written = seen_BV[:, self.first][:, None]
+        return logits_BV.at[:, self.first].add(jnp.where(written, 0.0, 100.0)).at[:, self.newline].add(
+            jnp.where(written, 100.0, 0.0))
+
+
+def test_answer_is_the_first_line_of_the_greedy_continuation(learner):
+    tok = learner.tokenizer
+    queries = ("grass", "sea")
+    prompts = [learner.create_few_shot_prompt(TASK, EXAMPLES, q) for q in queries]
+    assert not any("9" in p for p in prompts)
+    steer = _ThenNewline(tok.encode("9")[0], tok.encode("\n")[0])
+    free = generate_text(learner.model, tok, prompts, 12, temperature=0.0, logits_processors=(steer,))
+    assert all(f.startswith("9\n") for f in free)        # no stop string: it goes on past the newline
+    assert learner.predict_batch(TASK, EXAMPLES, list(queries), max_new_tokens=12,
+                                 logits_processors=(steer,)) == ["9", "9"]
 
 
 def test_batch_bad_input(learner):

@@ -305,6 +305,42 @@ def test_eos_stops_a_row_and_pads_the_rest(model):
     assert (out[0, 7:] == 31).all()
 
 
+def test_a_row_stops_at_the_first_of_eos_and_the_stop_ids(model):
+    prompt = random_tokens(5, (3, 4))
+    free = np.asarray(generate(model, prompt, 12, temperature=0.0))[:, 4:]
+    eos, stops = int(free[0, 8]), (int(free[1, 3]), int(free[2, 5]))
+    out = np.asarray(generate(model, prompt, 12, temperature=0.0, eos_id=eos, pad_id=31, stop_ids=stops))[:, 4:]
+    for b in range(3):
+        new = free[b].tolist()
+        hit = [new.index(t) for t in (eos, *stops) if t in new]
+        end = min(hit) + 1 if hit else len(new)
+        np.testing.assert_array_equal(out[b, :end], new[:end])
+        assert (out[b, end:] == 31).all()
+        assert sampling.cut_at_stop(out[b], (eos, *stops)) == (new[:min(hit)] if hit else new)
+    compiled = sampling._generate_jit._cache_size()   # other stop values: the same compiled loop
+    generate(model, prompt, 12, temperature=0.0, eos_id=eos, pad_id=31, stop_ids=(stops[1], stops[0]))
+    assert sampling._generate_jit._cache_size() == compiled
+    with pytest.raises(ValueError, match=r"stop_ids\[0\]=99 is outside the vocabulary"):
+        generate(model, prompt, 4, stop_ids=(99,))
+
+
+def test_generate_text_cuts_before_the_first_stop_string_and_eos():
+    tok = build_tokenizer("char", text="abcdefgh\n.:XY")
+    m = GPT(dataclasses.replace(TINY, vocab_size=tok.vocab_size, block_size=32), rngs=nnx.Rngs(3))
+    prompts = ["abc", "hgfe\nd"]
+    raw = [tok.decode(r) for r in np.asarray(generate(m, [tok.encode(p) for p in prompts], 20, temperature=0.0))[:, 6:]]
+    raw[0] = tok.decode(np.asarray(generate(m, tok.encode("abc"), 20, temperature=0.0))[3:])
+    first = raw[0][3]                       # a one-token stop (stops the row) and a two-character one
+    pair = raw[1][5:7]
+    texts = sampling.generate_text(m, tok, prompts, 20, temperature=0.0, stop=[first, pair])
+    for text, full in zip(texts, raw):
+        cut = min([full.index(s) for s in (first, pair) if s in full] + [len(full)])
+        assert text == full[:cut]
+    assert sampling.generate_text(m, tok, "abc", 20, temperature=0.0) == [raw[0]]
+    with pytest.raises(ValueError, match="prompt 0 is 3 tokens; with max_new_tokens=200 it exceeds"):
+        sampling.generate_text(m, tok, "abc", 200, must_fit=True)
+
+
 # --------------------------------------------------------------------------- streaming
 
 

@@ -13,9 +13,9 @@ EOS, stripped of surrounding spaces. ``predict_batch`` runs all queries as ONE l
 (e.g. chosen for it by ``jaxllm.prompting.selection``). ``predict_consistent`` samples several
 answers for one query and takes the majority (self-consistency).
 
-Generation stops at a newline: when the tokenizer writes "\\n" as one token (a char tokenizer, GPT-2's
-BPE), that token ends a row as EOS would, so the batch stops as soon as every row has answered;
-otherwise rows stop at EOS or max_new_tokens, and the answer is cut at the first newline afterwards.
+Generation stops at a newline (``generate_text``'s stop string): when the tokenizer writes "\\n" as one
+token (a char tokenizer, GPT-2's BPE), that token ends a row as EOS does, so the batch stops as soon as
+every row has answered; otherwise rows stop at EOS or max_new_tokens and the answer is cut afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxllm.prompting.self_consistency import SelfConsistencyResult, self_consistency
-from jaxllm.sampling import SamplingConfig, cut_at_eos, generate
+from jaxllm.sampling import SamplingConfig, generate_text
 
 Example = tuple[str, str]
 
@@ -67,9 +67,6 @@ class FewShotLearner:
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 32):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
-        newline = tokenizer.encode("\n")
-        # "\n" as a single token stops a row; else rows run to EOS and are cut afterwards
-        self.stop_id = newline[0] if len(newline) == 1 else tokenizer.eos_id
 
     @staticmethod
     def create_few_shot_prompt(task: str, examples, query: str) -> str:
@@ -79,31 +76,17 @@ class FewShotLearner:
                          for i, (x, y) in enumerate(as_examples(examples), start=1))
         return f"{task}\n\n{blocks}Now solve:\nInput: {query}\nOutput:"
 
-    def _prompt_ids(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-        block = self.model.config.block_size
-        rows = []
-        for i, p in enumerate(prompts):
-            ids = self.tokenizer.encode(p)
-            if len(ids) + max_new_tokens > block:
-                raise ValueError(f"prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
-                                 f"exceeds the model's block_size {block}: give fewer or shorter examples, "
-                                 f"or lower max_new_tokens")
-            rows.append(ids)
-        return rows
+    def _max_new(self, max_new_tokens) -> int:
+        return self.max_new_tokens if max_new_tokens is None else max_new_tokens
 
     def _generate(self, prompts: list[str], sampling: SamplingConfig | None, key, max_new_tokens,
                   strategy: dict) -> list[str]:
         if sampling is None:
             strategy.setdefault("temperature", 0.0)      # greedy unless asked otherwise
-        sampling = SamplingConfig.build(sampling, **strategy)
-        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        rows = self._prompt_ids(prompts, max_new)
-        out = np.asarray(generate(self.model, rows, max_new, sampling, eos_id=self.stop_id,
-                                  pad_id=self.tokenizer.pad_id, key=jax.random.key(0) if key is None else key))
-        width = max(len(r) for r in rows)
-        eos = self.tokenizer.eos_id
-        return [_answer(self.tokenizer.decode(cut_at_eos(cut_at_eos(row, self.stop_id), eos)))
-                for row in out[:, width:]]
+        texts = generate_text(self.model, self.tokenizer, prompts, self._max_new(max_new_tokens), sampling,
+                              stop=["\n"], key=jax.random.key(0) if key is None else key, must_fit=True,
+                              **strategy)
+        return [t.strip() for t in texts]
 
     def predict(self, task: str, examples, query: str, sampling: SamplingConfig | None = None, *,
                 key=None, max_new_tokens: int | None = None, **strategy) -> str:
@@ -136,8 +119,11 @@ class FewShotLearner:
                            max_new_tokens: int | None = None, **strategy) -> SelfConsistencyResult:
         """Self-consistency: n sampled answers (temperature 0.7 unless given) and their majority."""
         prompt = self.create_few_shot_prompt(task, examples, query)
-        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        self._prompt_ids([prompt], max_new)
+        max_new = self._max_new(max_new_tokens)
+        if len(self.tokenizer.encode(prompt)) + max_new > self.model.config.block_size:
+            raise ValueError(f"the prompt with max_new_tokens={max_new} exceeds the model's block_size "
+                             f"{self.model.config.block_size}: give fewer or shorter examples, or lower "
+                             f"max_new_tokens")
         return self_consistency(self.model, self.tokenizer, prompt, n, sampling,
                                 extractor=lambda s: _answer(s) or None, max_new_tokens=max_new,
                                 key=key, **strategy)
