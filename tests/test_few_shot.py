@@ -68,7 +68,7 @@ class _ThenNewline:
     needs_seen = True
 
     def __call__(self, logits_BV, seen_BV):
-        written = seen_BV[:, self.first][:, None]
+        written = seen_BV[:, self.first]
         return logits_BV.at[:, self.first].add(jnp.where(written, 0.0, 100.0)).at[:, self.newline].add(
             jnp.where(written, 100.0, 0.0))
 
