@@ -166,9 +166,10 @@ def test_import_leaves_the_environment_alone_and_setup_cpu_adds_flags_the_user_d
     import jaxlib
     code = ("import os, sys, logging; before = dict(os.environ); "
             "levels = {n: logging.getLogger(n).level for n in ('', 'absl', 'jax')}; "
-            "import jaxllm, jaxllm.cli, jaxllm.stages.pretrain, jaxllm.alignment.sft; "
+            "import jaxllm, jaxllm.cli, jaxllm.stages.pretrain, jaxllm.alignment.sft, jaxllm.apps; "
             "assert dict(os.environ) == before, 'import changed the environment'; "
             "assert levels == {n: logging.getLogger(n).level for n in levels}, 'import changed logging'; "
+            "assert logging.getLogger().handlers == [], f'import added {logging.getLogger().handlers}'; "
             "from jaxllm import parallel; parallel.setup_cpu(int(sys.argv[1])); print(os.environ.get('XLA_FLAGS', ''))")
 
     def flags_after_setup(user_flags, devices=3):

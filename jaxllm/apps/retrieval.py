@@ -17,9 +17,11 @@ Every retriever has ``retrieve(query, k) -> list[Hit]`` (best first) and ``texts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -171,8 +173,21 @@ class DenseIndex:
         return cls(texts, np.load(directory / "embeddings.npy"), encoder)
 
 
+@contextlib.contextmanager
+def _bm25s_quiet():
+    """bm25s sets its own logger to DEBUG when imported; while it works for us it logs warnings only."""
+    logger = logging.getLogger("bm25s")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class BM25Retriever:
-    """Lexical retrieval: BM25 over lower-cased word tokens, English stopwords removed (bm25s)."""
+    """Lexical retrieval: BM25 over lower-cased word tokens, English stopwords removed (bm25s).
+    Documents left with no word (empty, or stopwords only) are kept and never match."""
 
     def __init__(self, texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75):
         import bm25s
@@ -180,11 +195,20 @@ class BM25Retriever:
         self._bm25s = bm25s
         self.texts = _documents(texts)
         self._model = bm25s.BM25(k1=k1, b=b)
-        self._model.index(bm25s.tokenize(self.texts, stopwords="en", show_progress=False), show_progress=False)
+        with _bm25s_quiet():
+            tokens = bm25s.tokenize(self.texts, stopwords="en", show_progress=False)
+            self._empty = not tokens.vocab
+            if not self._empty:
+                self._model.index(tokens, show_progress=False)
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self._bm25s.tokenize([_query(q) for q in queries], stopwords="en", show_progress=False)
-        idx, scores = self._model.retrieve(tokens, k=_k(k, len(self.texts)), show_progress=False)
+        queries = [_query(q) for q in queries]
+        k = _k(k, len(self.texts))
+        if self._empty:   # no document has a word to match: every score is 0, in document order
+            return np.tile(np.arange(k), (len(queries), 1)), np.zeros((len(queries), k), np.float32)
+        with _bm25s_quiet():
+            tokens = self._bm25s.tokenize(queries, stopwords="en", show_progress=False)
+            idx, scores = self._model.retrieve(tokens, k=k, show_progress=False)
         return np.asarray(idx), np.asarray(scores)
 
     def retrieve(self, query: str, k: int = 3) -> list[Hit]:

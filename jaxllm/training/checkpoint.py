@@ -18,10 +18,26 @@ import shutil
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
+
+
+def _import_orbax():
+    """orbax logs through absl while it is imported, and absl's first log calls logging.basicConfig():
+    a handler on the user's root logger, after which every library's debug logger prints. Importing
+    jaxllm must leave logging as it was: the handler orbax's import added is taken off again."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import orbax.checkpoint as orbax_checkpoint
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+    return orbax_checkpoint
+
+
+ocp = _import_orbax()
 
 # Where Orbax moves a checkpoint past max_to_keep (its todelete_subdir: one rename), to be deleted
 # from there. Not a step name, so never listed. (Deleted in place, a step killed halfway through its
