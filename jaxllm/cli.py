@@ -1,4 +1,4 @@
-"""`jaxllm <command>`: prepare | pretrain | lora | sft | reward | dpo | sample | export-hf."""
+"""`jaxllm <command>`: prepare | pretrain | lora | sft | reward | dpo | ppo | grpo | sample | export-hf | rag."""
 
 from __future__ import annotations
 
@@ -184,6 +184,84 @@ def _cmd_export_hf(args) -> None:
     print(f"wrote {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _rag_documents(paths) -> list[str]:
+    """Documents from .txt/.md files (one document each), .jsonl files (one per line, its "text"
+    field) and folders (their .txt/.md/.jsonl files, sorted)."""
+    import json
+    import pathlib
+
+    docs = []
+    for given in paths:
+        path = pathlib.Path(given).expanduser()
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".md", ".jsonl") and f.is_file())
+            if not files:
+                raise ValueError(f"--docs {given}: the folder holds no .txt, .md or .jsonl file")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"--docs {given}: no such file or folder")
+        for f in files:
+            if f.suffix != ".jsonl":
+                docs.append(f.read_text(encoding="utf-8"))
+                continue
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{n}: not JSON ({e.msg}); write one {{\"text\": ...}} object per line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{f}:{n}: a line needs a \"text\" field holding the document")
+                docs.append(record["text"])
+    return docs
+
+
+def _cmd_rag_index(args) -> None:
+    import pathlib
+
+    from jaxllm.apps.retrieval import DenseIndex, chunk_documents
+    from jaxllm.embeddings import SentenceEncoder
+
+    out = pathlib.Path(args.out).expanduser()
+    if out.exists() and not (out / "index.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {args.out} exists and is not a retrieval index; choose a new or empty "
+                              f"folder (an index there is replaced)")
+    docs = _rag_documents(args.docs)
+    chunks, _ = chunk_documents(docs, max_words=args.chunk_words, overlap=args.chunk_overlap)
+    encoder = SentenceEncoder.load(args.encoder)
+    DenseIndex.build(chunks, encoder).save(out)
+    print(f"indexed {len(docs)} documents as {len(chunks)} chunks in {out} (encoder {encoder.identity()['name']})")
+
+
+def _cmd_rag_ask(args) -> None:
+    from jaxllm.apps import LLM, BM25Retriever, DenseIndex, HybridRetriever, RAGSystem
+    from jaxllm.apps.retrieval import _query
+    from jaxllm.embeddings import SentenceEncoder
+
+    question = _query(args.question)
+    index = DenseIndex.load(args.index, SentenceEncoder.load(args.encoder))
+    retriever = {"dense": lambda: index, "bm25": lambda: BM25Retriever(index.texts),
+                 "hybrid": lambda: HybridRetriever(index, BM25Retriever(index.texts))}[args.retriever]()
+    if args.model is None:
+        for i, hit in enumerate(retriever.retrieve(question, args.top_k), start=1):
+            print(f"Document {i} (score {hit.score:.4f}): {hit.text}")
+        return
+    try:
+        llm = LLM.load(args.model, args.step, max_new_tokens=args.max_new_tokens)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(str(e).replace("init.path=", "--model ")) from None
+    rag = RAGSystem(llm, retriever, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    result = rag.answer_question(question)
+    print(f"Answer: {result.answer}")
+    for i, hit in enumerate(result.documents, start=1):
+        print(f"Document {i} (score {hit.score:.4f}): {hit.text}")
+    if result.dropped:
+        print(f"({result.dropped} retrieved document(s) dropped, lowest-scored first, to fit the model's "
+              f"context of {llm.context_size} tokens)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxllm", description="GPT-style language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     pe.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     pe.set_defaults(func=_cmd_export_hf)
+
+    pr = sub.add_parser("rag", help="retrieval-augmented generation: index documents, ask questions")
+    rag = pr.add_subparsers(dest="rag_command", required=True)
+    ri = rag.add_parser("index", help="chunk and embed documents into a retrieval index on disk")
+    ri.add_argument("--docs", nargs="+", required=True, help=".txt/.md files, .jsonl files ({\"text\": ...} per line) "
+                    "or folders of them")
+    ri.add_argument("--out", required=True, help="index folder (written atomically; an index there is replaced)")
+    ri.add_argument("--chunk-words", type=int, default=120, help="words per chunk")
+    ri.add_argument("--chunk-overlap", type=int, default=30, help="words shared by neighbouring chunks")
+    ri.add_argument("--encoder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    ri.set_defaults(func=_cmd_rag_index)
+    ra = rag.add_parser("ask", help="answer a question from an index (without --model: show what is retrieved)")
+    ra.add_argument("--index", required=True, help="a folder written by `jaxllm rag index`")
+    ra.add_argument("--question", required=True)
+    ra.add_argument("--model", default=None, help="a jaxllm run directory or a Hugging Face GPT-2 folder")
+    ra.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
+    ra.add_argument("--retriever", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    ra.add_argument("--top-k", type=int, default=3, help="documents put in the prompt")
+    ra.add_argument("--max-new-tokens", type=int, default=32)
+    ra.add_argument("--encoder", default=None, help="the encoder the index was built with (default: all-MiniLM-L6-v2)")
+    ra.set_defaults(func=_cmd_rag_ask)
     return p
 
 

@@ -1,6 +1,6 @@
 """A language model as text in, text out: what RAG and the agent call.
 
-``LLM(model, tokenizer)`` wraps a jaxllm GPT (or ``LLM.from_run(run_dir)``): greedy unless given a
+``LLM(model, tokenizer)`` wraps a jaxllm GPT (or ``LLM.load(run_or_hf_dir)``): greedy unless given a
 sampling strategy, continuations cut before EOS and before the first stop string
 (``jaxllm.sampling.generate_text``), a batch of prompts in ONE generate call. It also says how many
 tokens a text takes (``count_tokens``) and how many the model sees (``context_size``), which RAG
@@ -36,13 +36,14 @@ class LLM:
         self.key = jax.random.key(0) if key is None else key
 
     @classmethod
-    def from_run(cls, run_dir, step: int | None = None, **kw) -> "LLM":
-        """The model and tokenizer of a jaxllm training run (pretrain, sft, lora, dpo, ...)."""
-        from jaxllm.runs import load_checkpoint
+    def load(cls, path, step: int | None = None, **kw) -> "LLM":
+        """The model and tokenizer of a jaxllm training run (pretrain, sft, lora, dpo, ...; a LoRA is
+        folded into the weights) or of a Hugging Face GPT-2 directory."""
+        from jaxllm.runs import load_base
 
-        model, _, tokenizer, _ = load_checkpoint(run_dir, step)
+        model, _, tokenizer = load_base(path, step)
         if tokenizer is None:
-            raise FileNotFoundError(f"{run_dir}/tokenizer is missing; the run directory is incomplete")
+            raise FileNotFoundError(f"{path} has no tokenizer; a model without one cannot be used on text")
         return cls(model, tokenizer, **kw)
 
     @property
