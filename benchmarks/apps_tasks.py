@@ -222,7 +222,6 @@ def agent_part(args, work) -> dict:
     from jaxllm.apps import LLM, Calculator, LLMAgent
     from jaxllm.runs import load_checkpoint
 
-    t_part = time.perf_counter()
     calc = Calculator()
     agent = LLMAgent(None, [calc])
     rng = np.random.default_rng(11)

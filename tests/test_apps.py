@@ -1,11 +1,9 @@
 """RAG (prompt layout, drop-lowest-first), the ReAct agent with a scripted model, the calculator,
 and the `jaxllm rag` commands."""
 
-import dataclasses
 import json
 import re
 
-import numpy as np
 import pytest
 from flax import nnx
 
