@@ -105,7 +105,7 @@ def corpus_tokenizer(texts, directory):
 
     pattern = r" ?[A-Za-z]+| ?\d|\n| ?[^\sA-Za-z\d]| "
     pre = tk.pre_tokenizers.Split(tk.Regex(pattern), behavior="isolated")
-    pieces = set()
+    pieces = {f"{space}{d}" for d in "0123456789" for space in ("", " ")}
     for t in texts:
         pieces.update(p for p, _ in pre.pre_tokenize_str(t))
     vocab = {t: i for i, t in enumerate(["[UNK]", "<|endoftext|>", "<|pad|>"] + sorted(pieces))}
@@ -188,7 +188,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     held = records[:200]
     corpus = docs + [q for f in facts for q in f["questions"]] + [build_rag_prompt("x", ["y"])]
     corpus_tokenizer(corpus, work / "tokenizer")
-    train_info = sft(work, "rag", records, held, args.rag_iters, block=128)
+    train_info = sft(work, "rag", records, held, args.rag_iters, block=80)
     model, _, tok, _ = load_checkpoint(work / "rag")
     llm = LLM(model, tok, max_new_tokens=4)
     rag = RAGSystem(llm, hybrid, top_k=3, max_new_tokens=4)
@@ -201,7 +201,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     em = float(np.mean([g.answer == t for g, t in zip(got, truth)]))
     em_closed = float(np.mean([c.strip() == t for c, t in zip(closed, truth)]))
     retrieved = float(np.mean([f["doc"] in [h.index for h in g.documents] for f, g in zip(test, got)]))
-    out = {"model": "4 layers, 128 wide, block 128, from scratch", "train": train_info,
+    out = {"model": "4 layers, 128 wide, block 80, from scratch", "train": train_info,
            "held_out_facts": len(test), "exact_match_with_retrieval": round(em, 4),
            "exact_match_closed_book": round(em_closed, 4), "gold_document_retrieved": round(retrieved, 4),
            "dropped_documents": sum(g.dropped for g in got), "eval_s": round(eval_s, 1),
