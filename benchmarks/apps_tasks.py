@@ -12,9 +12,13 @@ Three parts, each its own timed run (``--part retrieval|rag|agent|all``):
 2. RAG. 80% of the facts train, 20% are held out (a country's other facts may be in training, the
    held-out fact itself never is). A 4-layer GPT is fine-tuned from scratch with ``jaxllm sft`` on
    RAG prompts (``build_rag_prompt`` over the hybrid top-3, the right document put in when the
-   retriever missed it, document order shuffled so that position says nothing) -> " {value}". On
-   held-out questions: exact match through ``RAGSystem(LLM, hybrid, top_k=3)`` against the same
-   model closed-book (the same prompt with no documents).
+   retriever missed it, document order shuffled so that position says nothing) -> " {value}", for
+   the training facts' questions and for 30,000 episodes of NEW facts (a country and relation of
+   the base with a random value, beside documents about the same country or relation): trained on
+   the 3,000 fact questions alone, the model memorised them and reached 43.6% on held-out facts;
+   the episodes leave reading the context as the only way to answer. On held-out questions: exact
+   match through ``RAGSystem(LLM, hybrid, top_k=3)`` against the same model closed-book (the same
+   prompt with no documents).
 3. Agent. 4- to 6-digit multiplication. One GPT is fine-tuned with ``jaxllm sft`` on ReAct steps in
    ``LLMAgent``'s exact prompt (step 1: thought, "Action: calculator", "Action Input: a * b",
    "Observation:"; step 2, after the calculator's observation: "Final Answer: {product}"); another
@@ -185,6 +189,29 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
             top[-1] = g
         rng.shuffle(top)
         records.append((build_rag_prompt(q, [docs[i] for i in top]), " " + a))
+    n_fact_questions = len(records)
+    # Episodes of new facts: a country and relation from the knowledge base with a value drawn at
+    # random, among documents about the same country or the same relation (values random too). The
+    # value of an episode cannot be known from any earlier one: only reading the context answers it.
+    entities = sorted({f["entity"] for f in facts})
+    values = {r: sorted({f["value"] for f in facts if f["relation"] == r}) for r in RELATIONS}
+    relations = list(RELATIONS)
+    for _ in range(args.rag_episodes):
+        e = entities[rng.integers(len(entities))]
+        r = relations[rng.integers(len(relations))]
+        others = [x for x in relations if x != r]
+        picks = [(e, r)] + [(e, others[rng.integers(len(others))]) if rng.random() < 0.5
+                            else (entities[rng.integers(len(entities))], r) for _ in range(2)]
+        texts, answer = [], None
+        for pe, pr in picks:
+            v = values[pr][rng.integers(len(values[pr]))]
+            texts.append(RELATIONS[pr][0].format(e=pe, v=v))
+            answer = v if answer is None else answer
+        rng.shuffle(texts)
+        q = RELATIONS[r][1][rng.integers(3)].format(e=e)
+        records.append((build_rag_prompt(q, texts), " " + answer))
+    order = rng.permutation(len(records))
+    records = [records[i] for i in order]
     held = records[:200]
     corpus = docs + [q for f in facts for q in f["questions"]] + [build_rag_prompt("x", ["y"])]
     corpus_tokenizer(corpus, work / "tokenizer")
@@ -202,6 +229,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     em_closed = float(np.mean([c.strip() == t for c, t in zip(closed, truth)]))
     retrieved = float(np.mean([f["doc"] in [h.index for h in g.documents] for f, g in zip(test, got)]))
     out = {"model": "4 layers, 128 wide, block 80, from scratch", "train": train_info,
+           "train_fact_questions": n_fact_questions, "train_new_fact_episodes": args.rag_episodes,
            "held_out_facts": len(test), "exact_match_with_retrieval": round(em, 4),
            "exact_match_closed_book": round(em_closed, 4), "gold_document_retrieved": round(retrieved, 4),
            "dropped_documents": sum(g.dropped for g in got), "eval_s": round(eval_s, 1),
@@ -280,6 +308,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rag-iters", type=int, default=None)
     ap.add_argument("--agent-iters", type=int, default=None)
+    ap.add_argument("--rag-episodes", type=int, default=30000, help="RAG training episodes of new random facts")
     ap.add_argument("--agent-problems", type=int, default=20000)
     ap.add_argument("--agent-eval", type=int, default=400)
     ap.add_argument("--out", default=str(HERE / "results" / "apps_tasks.json"))
@@ -288,7 +317,7 @@ def main() -> None:
     args.rag_iters = args.rag_iters or (200 if args.quick else 5000)
     args.agent_iters = args.agent_iters or (200 if args.quick else 3000)
     if args.quick:
-        args.agent_problems, args.agent_eval = 2000, 50
+        args.agent_problems, args.agent_eval, args.rag_episodes = 2000, 50, 2000
 
     from jaxllm.parallel import setup_cpu
     setup_cpu()
