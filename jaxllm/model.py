@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
+from jaxllm.parallel import constrain_rows
 
 _INIT_STD = 0.02
 _MASK_VALUE = -1e30  # finite, so a fully-masked row (a padding query) gives no NaN
@@ -336,7 +337,8 @@ class GPT(nnx.Module):
             return h_BTD
         if positions is None:
             positions = default_positions(attention_mask, T)
-        x_ND = self._embed(tokens_BT, positions, dropout_key)
+        # constrain_rows: on a named mesh only (train.mesh), the residual stream's rows split like the batch
+        x_ND = constrain_rows(self._embed(tokens_BT, positions, dropout_key))
         # None means plain causal: attention may then use a fused kernel that builds no mask
         mask_BTT = None if attention_mask is None else make_attention_mask(attention_mask, T)
         for i, block in enumerate(self.h):
@@ -345,6 +347,7 @@ class GPT(nnx.Module):
                 x_ND = _recomputed(lambda blk, x, m, k: blk(x, B, T, m, k), block, x_ND, mask_BTT, key)
             else:
                 x_ND = block(x_ND, B, T, mask_BTT, key)
+            x_ND = constrain_rows(x_ND)
         return self.ln_f(x_ND).reshape(B, T, cfg.n_embd)
 
     def _embed(self, tokens_BT, positions, dropout_key):

@@ -48,6 +48,9 @@ class LoopConfig:
     batch_size: int = 12            # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
     devices: int = 0                # data-parallel devices; 0: automatic (see jaxllm.parallel.data_mesh)
+    mesh: str = ""                  # a named mesh instead, e.g. "data:2,fsdp:2,tensor:2" (one size may
+                                    # be -1): the state split by jaxllm.parallel's partition rules;
+                                    # "": data parallelism as `devices` says
     max_iters: int = 2000
     eval_interval: int = 250        # 0: evaluate only at the end
     log_interval: int = 10
@@ -66,6 +69,9 @@ class LoopConfig:
         for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "keep_ckpts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.mesh and self.devices:
+            raise ValueError(f"train.mesh={self.mesh!r} and train.devices={self.devices} are both set; "
+                             "train.mesh names every device's use: leave train.devices at 0")
 
 
 _STEP_METRICS = ("loss", "lr", "grad_norm", "tokens", "finite")   # what every step reports
@@ -105,7 +111,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     axis 1. `pad_values` (a pytree of scalars shaped like a batch) fills extra rows that weigh
     nothing in `loss_fn`; with it, data parallelism may use every device whatever the batch size.
     make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
-    data-parallel mesh the state lives on (None on one device).
+    mesh the state lives on (None on one device): data-parallel, or with `loop.mesh` the named
+    (data, fsdp, tensor) mesh, where batch rows split over data x fsdp (`parallel.shard_batch`).
     `tokenizer` is saved into the run directory, so the run can be sampled from on its own.
     With checkpoint_frozen=False, checkpoints hold only the `trainable` weights (LoRA, adapters):
     the frozen base is rebuilt from where `meta["base"]` says it came from.
@@ -123,8 +130,14 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     load_state_dict(d) to resume from it (e.g. an adaptive KL coefficient).
     """
     optimizer = make_optimizer(optim)
-    mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
-                              can_pad=pad_values is not None)
+    if loop.mesh:
+        mesh = parallel.make_mesh(loop.mesh)
+        parallel.check_batch_size(loop.batch_size, mesh, loop.mesh)
+        if isinstance(getattr(model, "config", None), GPTConfig):
+            parallel.check_model_split(model.config, mesh, loop.mesh)
+    else:
+        mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
+                                  can_pad=pad_values is not None)
     rows = parallel.padded_rows(loop.batch_size, mesh)
     ckpt = _prepare_run_dir(loop)
     start = 0
@@ -144,7 +157,17 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
         restored = jax.device_put(restored)  # uncommitted like a fresh state: no recompilation
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
-    if mesh is not None:  # placed once; the step's outputs keep this placement
+    state_sharding = None
+    if loop.mesh:  # split by the partition rules; the optimizer moments like their parameters
+        trainable_sharding = parallel.state_shardings(state.trainable, mesh)
+        state_sharding = TrainState(
+            parallel.replicated(mesh), trainable_sharding, parallel.state_shardings(state.frozen, mesh),
+            parallel.opt_state_shardings(optimizer, state.opt_state, trainable_sharding, mesh))
+        state = jax.device_put(state, state_sharding)
+        if constants is not None:
+            constants = jax.device_put(constants, parallel.replicated(mesh))
+        print(f"mesh {', '.join(f'{a}:{n}' for a, n in mesh.shape.items())} over {mesh.size} devices")
+    elif mesh is not None:  # placed once; the step's outputs keep this placement
         state = jax.device_put(state, parallel.replicated(mesh))
         if constants is not None:
             constants = jax.device_put(constants, parallel.replicated(mesh))
@@ -154,7 +177,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     # any checkpoint (an error, a NaN at step 0) leaves nothing that looks like a run behind.
     tokenizer_pending = tokenizer is not None and (start == 0 or not (ckpt.directory.parent / TOKENIZER).is_dir())
 
-    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh, updates=online is not None)
+    step_fn = make_train_step(graphdef, loss_fn, optimizer, lr_schedule(optim), mesh, updates=online is not None,
+                              state_sharding=state_sharding)
     if online is not None:
         online.bind(graphdef, mesh)
         if start:

@@ -75,12 +75,15 @@ def lm_loss_fn(model, batch, key):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    lr_fn: Callable | None = None, mesh=None, updates: bool = False):
+                    lr_fn: Callable | None = None, mesh=None, updates: bool = False,
+                    state_sharding=None):
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
 
     With a `mesh` (see `jaxllm.parallel.data_mesh`) the state must be replicated on it and the
     batch placed with `parallel.shard_batch(batch, mesh, 1)` (rows split across devices); XLA adds
-    the gradient all-reduce, and the new state stays replicated.
+    the gradient all-reduce, and the new state stays replicated. With `state_sharding` (a tree of
+    NamedSharding shaped like the state, see `jaxllm.parallel.state_shardings`) the state is split
+    that way instead, on a named (data, fsdp, tensor) mesh, and the new state keeps the same split.
 
     `key` is the run's base key; the step's own dropout key is derived from it and `state.step`
     inside the compiled program, so resuming needs no key state (and no per-step host work).
@@ -146,6 +149,10 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         return new_state, metrics
 
     def step(state: TrainState, batch, key, constants=None):
+        with parallel.on_mesh(mesh):   # a named mesh's activation hints (see parallel.constrain_rows)
+            return updates_of(state, batch, key, constants)
+
+    def updates_of(state: TrainState, batch, key, constants=None):
         if not updates:
             return one_update(state, batch, key, constants)
         state, per_update = jax.lax.scan(lambda st, b: one_update(st, b, key, constants), state, batch)
@@ -156,6 +163,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
+    if state_sharding is not None:
+        return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, parallel.replicated(mesh)))
     return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
@@ -167,7 +176,8 @@ def make_eval_step(graphdef, loss_fn: LossFn = lm_loss_fn, mesh=None, constants=
 
     def evaluate(trainable, frozen, batch, constants):
         model = nnx.merge(graphdef, trainable, frozen)
-        return _apply(loss_fn, model, batch, None, constants)
+        with parallel.on_mesh(mesh):
+            return _apply(loss_fn, model, batch, None, constants)
 
     jitted = jax.jit(evaluate)
     if mesh is None:

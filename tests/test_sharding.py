@@ -1,0 +1,208 @@
+"""The named mesh (train.mesh): data, FSDP and tensor parallelism compute what one device computes,
+and FSDP really splits the parameters and the optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import parallel
+from jaxllm.config import GPTConfig
+from jaxllm.configfile import load_config
+from jaxllm.model import GPT
+from jaxllm.peft.lora import LoraConfig, add_lora
+from jaxllm.stages.pretrain import PretrainConfig, run_pretrain
+from jaxllm.training.optim import OptimConfig, make_optimizer
+from jaxllm.training.step import TrainState, init_train_state, lm_loss_fn, make_train_step
+
+TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) != 8, reason="tests/conftest.py forces 8 CPU devices")
+
+
+# --------------------------------------------------------------------------- parsing the mesh
+
+@pytest.mark.parametrize("spec, expected", [
+    ("data:8", {"data": 8, "fsdp": 1, "tensor": 1}),
+    ("fsdp:-1", {"data": 1, "fsdp": 8, "tensor": 1}),
+    ("data:2, fsdp:2, tensor:2", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("tensor:4,data:-1", {"data": 2, "fsdp": 1, "tensor": 4}),
+])
+def test_mesh_spec_gives_every_axis_a_size_that_uses_all_devices(spec, expected):
+    assert parallel.parse_mesh(spec) == expected
+    mesh = parallel.make_mesh(spec)
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == expected
+    assert mesh.size == 8
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("pipeline:8", r"train.mesh='pipeline:8': unknown axis 'pipeline'; train.mesh takes axis:size pairs"),
+    ("data:2,data:4", r"axis 'data' is given twice; name each axis once"),
+    ("data:two", r"bad size 'two' for data; sizes are positive integers, or -1"),
+    ("data:0,fsdp:-1", r"bad size '0' for data"),
+    ("data", r"'data' has no size"),
+    ("data:2,fsdp:2", r"multiply to 4 but there are 8 devices; choose sizes whose product is 8"),
+    ("data:-1,fsdp:-1", r"only one axis may be -1, got data, fsdp"),
+    ("data:3,fsdp:-1", r"take 3 devices, which does not divide the 8 devices"),
+    ("", r"names no axis"),
+])
+def test_bad_mesh_specs_are_refused_naming_the_setting_and_the_fix(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parallel.parse_mesh(spec)
+
+
+# --------------------------------------------------------------------------- partition rules
+
+def _state(cfg=TINY, optimizer=None, lora=False):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    trainable = nnx.Param
+    if lora:
+        add_lora(model, LoraConfig(r=4, target="all-linear"))
+        from jaxllm.peft import LoraParam
+        trainable = LoraParam
+    optimizer = optimizer or make_optimizer(OptimConfig())
+    graphdef, state = init_train_state(model, optimizer, trainable)
+    return graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), state), optimizer
+
+
+def _specs(tree):
+    return {parallel._path_name(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_rules_split_embeddings_over_fsdp_and_heads_and_mlp_over_tensor():
+    mesh = parallel.make_mesh("data:2,fsdp:2,tensor:2")
+    _, state, _ = _state()
+    specs = _specs(parallel.state_shardings(state.trainable, mesh))
+    assert specs["wte.embedding"] == P(None, "fsdp")        # the vocabulary stays whole
+    assert specs["wpe.embedding"] == P(None, "fsdp")
+    assert specs["h.0.attn.c_attn.kernel"] == P("fsdp", "tensor")
+    assert specs["h.0.attn.c_attn.bias"] == P("tensor")
+    assert specs["h.1.attn.c_proj.kernel"] == P("tensor", "fsdp")
+    assert specs["h.1.attn.c_proj.bias"] == P()
+    assert specs["h.0.mlp.c_fc.kernel"] == P("fsdp", "tensor")
+    assert specs["h.0.mlp.c_fc.bias"] == P("tensor")
+    assert specs["h.0.mlp.c_proj.kernel"] == P("tensor", "fsdp")
+    assert specs["h.0.ln_1.scale"] == specs["ln_f.bias"] == P()
+    batch = parallel.batch_sharding(mesh, 1)
+    assert batch.spec == P(None, ("data", "fsdp"))
+
+
+def test_lora_factors_follow_their_base_layer_with_the_rank_whole_and_adam_moments_their_params():
+    mesh = parallel.make_mesh("fsdp:2,tensor:4")
+    _, state, optimizer = _state(lora=True)
+    params = parallel.state_shardings(state.trainable, mesh)
+    specs = _specs(params)
+    assert specs["h.0.attn.c_attn.lora.a"] == P(None, "fsdp")              # (parts, in, r)
+    assert specs["h.0.attn.c_attn.lora.b"] == P(None, None, "tensor")      # (parts, r, out)
+    assert specs["h.0.attn.c_proj.lora.a"] == P(None, "tensor")
+    assert specs["h.0.mlp.c_proj.lora.b"] == P(None, None, "fsdp")
+    # optax.tree_map_params (by structure) and the path rules (by name) agree on Adam's mu and nu
+    by_structure = parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh)
+    by_path = parallel.state_shardings(state.opt_state, mesh)
+    leaves_s, leaves_p = jax.tree.leaves(by_structure), jax.tree.leaves(by_path)
+    assert len(leaves_s) == len(leaves_p) == len(jax.tree.leaves(state.opt_state))
+    assert [s.spec for s in leaves_s] == [s.spec for s in leaves_p]
+    assert sum(s.spec != P() for s in leaves_s) == 2 * sum(s.spec != P() for s in jax.tree.leaves(params))
+
+
+def test_a_split_that_does_not_divide_names_the_parameter_setting_and_fix():
+    mesh = parallel.make_mesh("tensor:4,data:2")
+    with pytest.raises(ValueError, match=r"n_head=6 does not split over tensor:4 \(train.mesh="):
+        parallel.check_model_split(TINY.replace(n_head=6, n_embd=48), mesh)
+    with pytest.raises(ValueError, match=r"parameter h.0.mlp.c_fc.kernel \(shape \(32, 100\)\): dimension 1 "
+                                         r"\(mlp, size 100\) does not split over tensor:8 \(train.mesh\)"):
+        parallel.partition_spec("h.0.mlp.c_fc.kernel", (32, 100), parallel.make_mesh("tensor:8"))
+
+
+# --------------------------------------------------------------------------- FSDP memory
+
+def test_fsdp_keeps_an_eighth_of_params_and_optimizer_state_per_device_through_a_step():
+    """Per-device bytes of params + Adam state under fsdp:8 <= (split part)/8 + replicated part,
+    before and after a step (the jitted step keeps the split, the state is donated)."""
+    mesh = parallel.make_mesh("fsdp:8")
+    graphdef, state, optimizer = _state()
+    params = parallel.state_shardings(state.trainable, mesh)
+    sharding = TrainState(parallel.replicated(mesh), params, parallel.state_shardings(state.frozen, mesh),
+                          parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh))
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    replicated = sum(x.nbytes for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(sharding))
+                     if s.is_fully_replicated)
+    state = jax.device_put(state, sharding)
+    step = make_train_step(graphdef, lm_loss_fn, optimizer, mesh=mesh, state_sharding=sharding)
+    x = np.random.default_rng(0).integers(0, TINY.vocab_size, (1, 8, TINY.block_size + 1)).astype(np.int32)
+    batch = parallel.shard_batch((x[..., :-1], x[..., 1:]), mesh, 1)
+    bound = (total - replicated) / 8 + replicated
+    for when in ("placed", "after a step"):
+        per_device = parallel.bytes_per_device(state)
+        print(f"fsdp:8 {when}: total {total:,} B (replicated {replicated:,} B); per device "
+              f"max {max(per_device.values()):,} B, bound {bound:,.0f} B, total/8 {total / 8:,.0f} B")
+        assert len(per_device) == 8 and max(per_device.values()) <= bound
+        assert replicated < 0.1 * total
+        state, metrics = step(state, batch, jax.random.key(0))
+        assert bool(metrics["finite"])
+    assert jax.tree.leaves(state.trainable)[0].sharding == jax.tree.leaves(sharding.trainable)[0]
+
+
+# --------------------------------------------------------------------------- training on a mesh
+
+def _pretrain(root, tiny_overrides, *extra):
+    overrides = tiny_overrides(root, "model.n_head=4", "train.batch_size=8", "train.max_iters=3",
+                               "sample.max_new_tokens=0", "model.dropout=0.1", *extra)
+    return run_pretrain(load_config(PretrainConfig, None, overrides))
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, tiny_overrides):
+    root = tmp_path_factory.mktemp("one")
+    return root, _pretrain(root, tiny_overrides, "train.devices=1")
+
+
+@pytest.mark.parametrize("mesh", ["data:8", "fsdp:8", "tensor:4,data:-1", "data:2,fsdp:2,tensor:2"])
+def test_three_steps_on_a_mesh_match_one_device_losses_weights_and_eval(mesh, one_device, tmp_path, tiny_overrides):
+    root, reference = one_device
+    result = _pretrain(tmp_path, tiny_overrides, f"train.mesh={mesh}", f"data.dataset_dir={root}/data")
+    losses = [result.train.losses[i] for i in range(3)]
+    expected = [reference.train.losses[i] for i in range(3)]
+    print(f"{mesh}: losses {losses} vs one device {expected}")
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    np.testing.assert_allclose(result.val_loss, reference.val_loss, rtol=1e-5)
+    got, want = nnx.state(result.train.model, nnx.Param), nnx.state(reference.train.model, nnx.Param)
+    # Adam divides by sqrt(nu): where a gradient is ~0, a last-bit difference of the summation order
+    # moves that element's update by a fraction of lr (1e-3), hence atol 1e-5 rather than 1e-6
+    worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    print(f"{mesh}: largest weight difference to one device {worst:.2e}")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert len(a.sharding.device_set) == 1   # written back to one device for inference
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # the checkpoint saved from the split state restores on one device with the same values
+    from jaxllm.runs import load_checkpoint
+    restored = nnx.state(load_checkpoint(tmp_path / "run")[0], nnx.Param)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_batch_that_does_not_split_over_data_and_fsdp_is_refused(tmp_path, tiny_overrides):
+    with pytest.raises(ValueError, match=r"train.batch_size=6 does not split over data x fsdp = 2 x 2 = 4 "
+                                         r"devices of train.mesh='data:2,fsdp:2,tensor:2'"):
+        _pretrain(tmp_path, tiny_overrides, "train.mesh=data:2,fsdp:2,tensor:2", "train.batch_size=6")
+
+
+def test_heads_that_do_not_split_over_tensor_are_refused(tmp_path, tiny_overrides):
+    with pytest.raises(ValueError, match=r"n_head=6 does not split over tensor:4 \(train.mesh='tensor:4,data:2'\)"):
+        _pretrain(tmp_path, tiny_overrides, "train.mesh=tensor:4,data:2", "model.n_head=6", "model.n_embd=48")
+
+
+def test_a_run_checkpointed_under_fsdp_resumes_under_another_mesh_as_if_uninterrupted(
+        one_device, tmp_path, tiny_overrides):
+    root, reference = one_device
+    data = f"data.dataset_dir={root}/data"
+    _pretrain(tmp_path, tiny_overrides, "train.mesh=fsdp:8", "train.max_iters=2", data)
+    resumed = _pretrain(tmp_path, tiny_overrides, "train.mesh=data:2,fsdp:2,tensor:2", "train.resume=true", data)
+    assert list(resumed.train.losses) == [2]
+    np.testing.assert_allclose(resumed.train.losses[2], reference.train.losses[2], rtol=1e-5)
+    got, want = nnx.state(resumed.train.model, nnx.Param), nnx.state(reference.train.model, nnx.Param)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
