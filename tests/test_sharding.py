@@ -206,3 +206,32 @@ def test_a_run_checkpointed_under_fsdp_resumes_under_another_mesh_as_if_uninterr
     got, want = nnx.state(resumed.train.model, nnx.Param), nnx.state(reference.train.model, nnx.Param)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_steps_on_a_mesh_match_one_device_with_the_frozen_base_split_too():
+    mesh = parallel.make_mesh("data:2,fsdp:2,tensor:2")
+    graphdef, single, optimizer = _state(lora=True)
+    _, state, _ = _state(lora=True)
+    params = parallel.state_shardings(state.trainable, mesh)
+    sharding = TrainState(parallel.replicated(mesh), params, parallel.state_shardings(state.frozen, mesh),
+                          parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh))
+    state = jax.device_put(state, sharding)
+    step_1 = make_train_step(graphdef, lm_loss_fn, optimizer)
+    step_mesh = make_train_step(graphdef, lm_loss_fn, optimizer, mesh=mesh, state_sharding=sharding)
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        x = rng.integers(0, TINY.vocab_size, (2, 4, TINY.block_size + 1)).astype(np.int32)  # 2 micro-batches
+        batch = (x[..., :-1], x[..., 1:])
+        single, m1 = step_1(single, batch, jax.random.key(0))
+        state, m = step_mesh(state, parallel.shard_batch(batch, mesh, 1), jax.random.key(0))
+        np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(single.trainable), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    kernel = state.frozen["h"][0]["mlp"]["c_fc"]["kernel"][...]
+    assert kernel.sharding.spec == P("fsdp", "tensor") and not kernel.sharding.is_fully_replicated
+
+
+def test_train_mesh_and_train_devices_together_are_refused():
+    from jaxllm.training.loop import LoopConfig
+    with pytest.raises(ValueError, match=r"train.mesh='data:8' and train.devices=2 are both set"):
+        LoopConfig(mesh="data:8", devices=2)
