@@ -10,7 +10,7 @@ Three parts, each its own timed run (``--part retrieval|rag|agent|all``):
    (jaxllm's MiniLM), BM25 (bm25s) and hybrid (reciprocal-rank fusion) retrieval over one
    paraphrase of every fact.
 2. RAG. 80% of the facts train, 20% are held out (a country's other facts may be in training, the
-   held-out fact itself never is). A 4-layer GPT is fine-tuned from scratch with ``jaxllm sft`` on
+   held-out fact itself never is). A 3-layer GPT is fine-tuned from scratch with ``jaxllm sft`` on
    RAG prompts (``build_rag_prompt`` over the hybrid top-3, the right document put in when the
    retriever missed it, document order shuffled so that position says nothing) -> " {value}", for
    the training facts' questions and for 30,000 episodes of NEW facts (a country and relation of
@@ -216,7 +216,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     held = records[:200]
     corpus = docs + [q for f in facts for q in f["questions"]] + [build_rag_prompt("x", ["y"])]
     corpus_tokenizer(corpus, work / "tokenizer")
-    train_info = sft(work, "rag", records, held, args.rag_iters, block=80)
+    train_info = sft(work, "rag", records, held, args.rag_iters, block=80, n_layer=3)
     model, _, tok, _ = load_checkpoint(work / "rag")
     llm = LLM(model, tok, max_new_tokens=4)
     rag = RAGSystem(llm, hybrid, top_k=3, max_new_tokens=4)
@@ -229,7 +229,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     em = float(np.mean([g.answer == t for g, t in zip(got, truth)]))
     em_closed = float(np.mean([c.strip() == t for c, t in zip(closed, truth)]))
     retrieved = float(np.mean([f["doc"] in [h.index for h in g.documents] for f, g in zip(test, got)]))
-    out = {"model": "4 layers, 128 wide, block 80, from scratch", "train": train_info,
+    out = {"model": "3 layers, 128 wide, block 80, from scratch", "train": train_info,
            "train_fact_questions": n_fact_questions, "train_new_fact_episodes": args.rag_episodes,
            "held_out_facts": len(test), "exact_match_with_retrieval": round(em, 4),
            "exact_match_closed_book": round(em_closed, 4), "gold_document_retrieved": round(retrieved, 4),
@@ -320,7 +320,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "apps_tasks.json"))
     ap.add_argument("--work", default=None, help="where corpora and runs go (default: a temp dir)")
     args = ap.parse_args()
-    args.rag_iters = args.rag_iters or (200 if args.quick else 5000)
+    args.rag_iters = args.rag_iters or (200 if args.quick else 8000)
     args.agent_iters = args.agent_iters or (200 if args.quick else 2000)
     if args.quick:
         args.agent_problems, args.agent_eval, args.rag_episodes = 2000, 50, 2000
