@@ -196,11 +196,22 @@ def test_heads_that_do_not_split_over_tensor_are_refused(tmp_path, tiny_override
 
 
 def test_a_run_checkpointed_under_fsdp_resumes_under_another_mesh_as_if_uninterrupted(
-        one_device, tmp_path, tiny_overrides):
+        one_device, tmp_path, tiny_overrides, monkeypatch):
+    from jaxllm.training.checkpoint import Checkpointer
     root, reference = one_device
     data = f"data.dataset_dir={root}/data"
     _pretrain(tmp_path, tiny_overrides, "train.mesh=fsdp:8", "train.max_iters=2", data)
+    placed = []   # the resume restores each array straight into the new mesh's split
+    for name in ("restore_model", "restore_train"):
+        original = getattr(Checkpointer, name)
+        def spy(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            placed.extend(leaf.sharding for leaf in jax.tree.leaves(out))
+            return out
+        monkeypatch.setattr(Checkpointer, name, spy)
     resumed = _pretrain(tmp_path, tiny_overrides, "train.mesh=data:2,fsdp:2,tensor:2", "train.resume=true", data)
+    assert placed and all(len(s.device_set) == 8 for s in placed)
+    assert sum(not s.is_fully_replicated for s in placed) > len(placed) / 2
     assert list(resumed.train.losses) == [2]
     np.testing.assert_allclose(resumed.train.losses[2], reference.train.losses[2], rtol=1e-5)
     got, want = nnx.state(resumed.train.model, nnx.Param), nnx.state(reference.train.model, nnx.Param)
@@ -235,3 +246,48 @@ def test_train_mesh_and_train_devices_together_are_refused():
     from jaxllm.training.loop import LoopConfig
     with pytest.raises(ValueError, match=r"train.mesh='data:8' and train.devices=2 are both set"):
         LoopConfig(mesh="data:8", devices=2)
+
+
+# --------------------------------------------------------------------------- resharding checkpoints
+
+def test_a_checkpoint_written_under_fsdp8_restores_bit_exactly_on_another_mesh_and_on_one_device(tmp_path):
+    """Saved from arrays split over fsdp:8, restored straight into data:2,tensor:2 (four devices) and
+    onto one device: every array equal bit for bit, each carrying the sharding asked for."""
+    from jaxllm.training.checkpoint import Checkpointer
+    fsdp = parallel.make_mesh("fsdp:8")
+    _, state, optimizer = _state()
+    state = state._replace(step=jnp.asarray(7, jnp.int32))
+    model_state = nnx.merge_state(state.trainable, state.frozen)
+    train = {"step": state.step, "opt_state": state.opt_state}
+    saved_model = jax.device_put(model_state, parallel.state_shardings(model_state, fsdp))
+    saved_train = jax.device_put(train, parallel.state_shardings(train, fsdp))
+    assert jax.tree.leaves(saved_model)[-1].sharding.spec != P()
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, saved_model, saved_train, {"note": "fsdp:8"})
+    ckpt.close()
+
+    reader = Checkpointer(tmp_path, create=False)
+    other = parallel.make_mesh("data:2,tensor:2", jax.devices()[:4])
+    targets = {"data:2,tensor:2 (4 devices)": (parallel.state_shardings(model_state, other),
+                                                parallel.state_shardings(train, other)),
+               "one device": (jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[5]), model_state),
+                              jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[5]), train))}
+    for where, (model_sharding, train_sharding) in targets.items():
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model_state)
+        got_model = reader.restore_model(abstract, shardings=model_sharding)
+        got_train = reader.restore_train(train, shardings=train_sharding)
+        n = 0
+        for got, want, sharding in [(got_model, model_state, model_sharding), (got_train, train, train_sharding)]:
+            for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(sharding), strict=True):
+                assert a.sharding == s, (where, a.sharding, s)
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+                n += 1
+        print(f"{where}: {n} arrays restored bit-exactly")
+        kernel = got_model["h"][0]["attn"]["c_attn"]["kernel"][...]
+        moment = next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(got_train)[0]
+                      if parallel._path_name(path).endswith("mu.h.0.mlp.c_fc.kernel"))
+        if where == "one device":
+            assert kernel.sharding.device_set == moment.sharding.device_set == {jax.devices()[5]}
+        else:   # heads (and the Adam moments of the MLP) split over tensor, on the four devices only
+            assert kernel.sharding.spec == moment.sharding.spec == P(None, "tensor")
+            assert kernel.sharding.device_set == set(jax.devices()[:4])

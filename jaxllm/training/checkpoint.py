@@ -18,6 +18,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
@@ -89,9 +90,17 @@ class Checkpointer:
         step = self._resolve(step)
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_model(self, model_state: nnx.State, step: int | None = None) -> nnx.State:
-        """Weights of `step` (default: latest) into a state shaped like `model_state`."""
+    def restore_model(self, model_state: nnx.State, step: int | None = None, shardings=None) -> nnx.State:
+        """Weights of `step` (default: latest) into a state shaped like `model_state`.
+
+        Each array is restored where `shardings` (a tree of Shardings shaped like `model_state`, e.g.
+        `jaxllm.parallel.state_shardings(model_state, mesh)`) says, whatever mesh wrote the
+        checkpoint: Orbax reads each device's part of the array straight onto that device (every
+        process its own, on a mesh spanning processes). Default: where `model_state`'s arrays are (an
+        abstract leaf with no placement: one device)."""
         step = self._resolve(step)
+        if shardings is not None:
+            model_state = _placed_like(model_state, shardings)
         pure = nnx.to_pure_dict(model_state)
         target = jax.tree.map(_restore_target, pure)
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -99,8 +108,13 @@ class Checkpointer:
         nnx.replace_by_pure_dict(model_state, restored)
         return model_state
 
-    def restore_train(self, train_state: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    def restore_train(self, train_state: dict[str, Any], step: int | None = None,
+                      shardings=None) -> dict[str, Any]:
+        """Step and optimizer state of `step` shaped like `train_state`, placed as `shardings`
+        (shaped like `train_state`) says, or else where `train_state`'s arrays are."""
         step = self._resolve(step)
+        if shardings is not None:
+            train_state = _placed_like(train_state, shardings)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
         return self.manager.restore(step, args=ocp.args.Composite(
             train=ocp.args.StandardRestore(target)))["train"]
@@ -127,6 +141,11 @@ class Checkpointer:
         if self._writer and deleted.is_dir():
             for path in deleted.iterdir():
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _placed_like(tree, shardings):
+    """Abstract arrays shaped like `tree`'s, placed by `shardings` (a tree of the same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
 def _restore_target(x) -> jax.ShapeDtypeStruct:

@@ -149,20 +149,28 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             check_resume(saved_meta, ckpt.directory)
         # nnx.state() returns a copy: the restored weights must be written back into the model.
         saved = nnx.state(model) if checkpoint_frozen else nnx.state(model, trainable)
-        nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
+        if loop.mesh:  # each device reads its own part, whatever mesh wrote it: no whole copy on one device
+            nnx.update(model, ckpt.restore_model(saved, start, shardings=parallel.state_shardings(saved, mesh)))
+        else:
+            nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
     elif loop.resume:
         print(f"train.resume: {ckpt.directory} holds no checkpoint yet; starting from step 0")
     graphdef, state = init_train_state(model, optimizer, trainable)
-    if start:
-        restored = ckpt.restore_train({"step": state.step, "opt_state": state.opt_state}, start)
-        restored = jax.device_put(restored)  # uncommitted like a fresh state: no recompilation
-        state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
     state_sharding = None
     if loop.mesh:  # split by the partition rules; the optimizer moments like their parameters
         trainable_sharding = parallel.state_shardings(state.trainable, mesh)
         state_sharding = TrainState(
             parallel.replicated(mesh), trainable_sharding, parallel.state_shardings(state.frozen, mesh),
             parallel.opt_state_shardings(optimizer, state.opt_state, trainable_sharding, mesh))
+    if start:
+        saved_train = {"step": state.step, "opt_state": state.opt_state}
+        if state_sharding is not None:
+            restored = ckpt.restore_train(saved_train, start, shardings={
+                "step": state_sharding.step, "opt_state": state_sharding.opt_state})
+        else:
+            restored = jax.device_put(ckpt.restore_train(saved_train, start))  # uncommitted like a fresh state
+        state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
+    if loop.mesh:
         state = jax.device_put(state, state_sharding)
         if constants is not None:
             constants = jax.device_put(constants, parallel.replicated(mesh))
