@@ -382,3 +382,33 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     if n == 1 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+
+
+def shard_model(model, mesh: Mesh, rules=None):
+    """Place an nnx model's state on `mesh` by the partition rules (in place; returns `model`), e.g.
+    to decode with `jaxllm.generate` over tensor-parallel weights: GSPMD then splits every matmul
+    and the KV cache follows its heads, and `generate` splits the prompt rows over data x fsdp."""
+    from flax import nnx
+    state = nnx.state(model)
+    nnx.update(model, place(state, state_shardings(state, mesh, rules)))
+    return model
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The named (data, fsdp, tensor) mesh that `tree`'s arrays are placed on, or None."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and is_named_mesh(sharding.mesh):
+            return sharding.mesh
+    return None
+
+
+def place(tree, shardings):
+    """jax.device_put(tree, shardings), also onto a mesh spanning processes: there an array held
+    whole by this process (every process holds the same, e.g. a model built from one seed) goes
+    through host memory, each process placing only its own devices' parts."""
+    if jax.process_count() > 1:
+        def host(x):
+            return np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
+        tree = jax.tree.map(host, tree)
+    return jax.device_put(tree, shardings)

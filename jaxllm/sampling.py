@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm import parallel
 from jaxllm.logits_processors import SamplingConfig, apply_processors, needs_seen, sample_with_strategy
 
 __all__ = ["SamplingConfig", "cut_at_eos", "cut_at_stop", "decode_stream", "generate", "generate_chunks",
@@ -291,6 +292,17 @@ def _setup(model, prompt_ids, max_new_tokens, prompt_mask, sampling: SamplingCon
     return _Prepared(plan, settings, tokens, real, seen, squeeze, full)
 
 
+def _rows_on_mesh(state, prep: _Prepared):
+    """Prompts, their mask and seen tokens as device arrays, and the named mesh the weights are on
+    (`jaxllm.parallel.shard_model`), if any: there the rows split over data x fsdp where they
+    divide (replicated otherwise), and `parallel.on_mesh` keeps the activations' rows split so."""
+    mesh = parallel.mesh_of(state)
+    arrays = (prep.tokens, prep.real, prep.seen)
+    if mesh is None:
+        return jnp.asarray(prep.tokens), jnp.asarray(prep.real), prep.seen, None
+    return (*parallel.shard_batch(arrays, mesh, 0), mesh)
+
+
 def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
              eos_id: int | None = None, pad_id: int | None = None, key: jax.Array | None = None,
              return_logprobs: bool = False, prompt_mask=None, logits_processors=(), stop_ids=(), **strategy):
@@ -314,9 +326,10 @@ def generate(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling: Sampl
         out, logp = full, np.zeros((full.shape[0], 0), np.float32)
     else:
         graphdef, state = nnx.split(model)
-        buf, logp = _generate_jit(graphdef, state, jnp.asarray(prep.tokens), jnp.asarray(prep.real),
-                                  jax.random.key(0) if key is None else key, prep.settings, prep.seen,
-                                  plan=prep.plan)
+        tokens, real, seen, mesh = _rows_on_mesh(state, prep)
+        with parallel.on_mesh(mesh):
+            buf, logp = _generate_jit(graphdef, state, tokens, real, jax.random.key(0) if key is None else key,
+                                      prep.settings, seen, plan=prep.plan)
         # in numpy: eager jnp ops would each compile a small program on first use
         out = np.concatenate([full, np.asarray(buf)[:, prep.tokens.shape[1]:]], axis=1)
         logp = np.asarray(logp)
@@ -342,8 +355,10 @@ def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling
         return
     graphdef, state = nnx.split(model)
     P = prep.tokens.shape[1]
-    st = _prefill_jit(graphdef, state, jnp.asarray(prep.tokens), jnp.asarray(prep.real),
-                      jax.random.key(0) if key is None else key, prep.settings, prep.seen, plan=plan)
+    tokens, real, seen, mesh = _rows_on_mesh(state, prep)
+    with parallel.on_mesh(mesh):
+        st = _prefill_jit(graphdef, state, tokens, real, jax.random.key(0) if key is None else key,
+                          prep.settings, seen, plan=plan)
     emitted = 0
     while True:
         buf, i, done = np.asarray(st["buf"]), int(st["i"]), bool(np.asarray(st["done"]).all())
@@ -351,7 +366,8 @@ def generate_chunks(model: nnx.Module, prompt_ids, max_new_tokens: int, sampling
         emitted = i
         if i >= plan.max_new_tokens or done:
             return
-        st = _decode_jit(graphdef, state, st, np.int32(min(i + chunk_size, plan.max_new_tokens)), plan=plan)
+        with parallel.on_mesh(mesh):
+            st = _decode_jit(graphdef, state, st, np.int32(min(i + chunk_size, plan.max_new_tokens)), plan=plan)
 
 
 def decode_stream(tokenizer, id_chunks, context: int = 4):
