@@ -1,5 +1,6 @@
 """Data parallelism: a 1-D device mesh, replicated train state, batches split along their rows;
-and (`train.mesh`) a named (data, fsdp, tensor) mesh whose partition rules split the train state.
+and (`train.mesh`) a named (data, fsdp, tensor) mesh whose partition rules split the train state,
+over the devices of one process or (after `initialize()`) of several.
 
 The same code serves several GPUs and a plain CPU. On CPU, XLA's intra-op threading keeps a
 second core only partly busy on small models; presenting every core as its own device
@@ -138,17 +139,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_batch(batch, mesh: Mesh, batch_axis: int):
     """Place a batch on the mesh: leaves whose `batch_axis` splits evenly over the batch's devices
-    (see `batch_sharding`) are split along it, others (per-batch scalars, flags) are replicated."""
+    (see `batch_sharding`) are split along it, others (per-batch scalars, flags) are replicated.
+
+    On a mesh spanning processes every process passes the same global batch (a pure function of
+    (seed, step)) and only its own rows are sent to its devices (`process_rows`)."""
     rows = batch_sharding(mesh, batch_axis)
     rep = replicated(mesh)
     n = batch_devices(mesh)
+    multi = jax.process_count() > 1
 
     def place(leaf):
         shape = np.shape(leaf)
         split = len(shape) > batch_axis and shape[batch_axis] % n == 0
+        if multi:
+            return process_rows(leaf, rows if split else rep, batch_axis if split else None)
         return jax.device_put(leaf, rows if split else rep)
 
     return jax.tree.map(place, batch)
+
+
+def process_rows(global_leaf, sharding: NamedSharding, batch_axis: int | None) -> jax.Array:
+    """The global array of `global_leaf` (host data, the same in every process) under `sharding`,
+    built from this process's rows alone (`jax.make_array_from_process_local_data`); batch_axis
+    None: the leaf is replicated, every process gives all of it."""
+    leaf = np.asarray(global_leaf)
+    if batch_axis is not None:
+        spans = [index[batch_axis] for index in sharding.addressable_devices_indices_map(leaf.shape).values()]
+        start = min(s.start or 0 for s in spans)
+        stop = max(leaf.shape[batch_axis] if s.stop is None else s.stop for s in spans)
+        leaf = leaf[(slice(None),) * batch_axis + (slice(start, stop),)]
+    return jax.make_array_from_process_local_data(sharding, leaf, np.shape(global_leaf))
 
 
 # ------------------------------------------------------------------ named mesh: data, FSDP, tensor
@@ -412,3 +432,112 @@ def place(tree, shardings):
             return np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
         tree = jax.tree.map(host, tree)
     return jax.device_put(tree, shardings)
+
+
+# ------------------------------------------------------------------ several processes (multi-host)
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids=None, timeout_s: int = 300) -> tuple[int, int]:
+    """Join this process to a multi-process JAX run (`jax.distributed.initialize`); returns
+    (process_index, process_count). Call it first, before any JAX computation, in every process;
+    then `jax.devices()` lists every process's devices and `train.mesh` spans them all.
+
+    The settings come from the arguments, else from JAX_COORDINATOR_ADDRESS ("host:port" of process
+    0, which also runs the coordinator), JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself reads only
+    the first), else from a cluster JAX detects (SLURM, Open MPI, Cloud TPU, Kubernetes). A second
+    call is a no-op.
+
+    Timeouts: a process other than 0 first waits up to `timeout_s` seconds for the coordinator's
+    port to accept a connection, and past it raises a RuntimeError naming the address and the fix.
+    Once connected, jax waits as long (its `initialization_timeout`) for every process to register;
+    jaxlib then does not raise but ends the process (a fatal "DEADLINE_EXCEEDED ... RegisterTask"
+    log), so a missing process stops the others after `timeout_s`, never hangs them."""
+    if jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _env_int("JAX_NUM_PROCESSES", num_processes)
+    process_id = _env_int("JAX_PROCESS_ID", process_id)
+    if num_processes is not None and not 1 <= num_processes:
+        raise ValueError(f"num_processes (JAX_NUM_PROCESSES) must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id (JAX_PROCESS_ID) is {process_id} but there are {num_processes} "
+                         f"processes: give each process an id in 0..{num_processes - 1}")
+    if coordinator_address and process_id not in (None, 0):
+        _wait_for_coordinator(coordinator_address, process_id, num_processes, timeout_s)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=local_device_ids, initialization_timeout=int(timeout_s))
+    except ValueError as err:   # nothing said where the coordinator is
+        raise ValueError(f"{err}: pass coordinator_address/num_processes/process_id to "
+                         f"jaxllm.parallel.initialize, or set JAX_COORDINATOR_ADDRESS (host:port of process 0), "
+                         f"JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process") from err
+    except Exception as err:   # jaxlib raises XlaRuntimeError (DEADLINE_EXCEEDED) after the timeout
+        who = (f"process {process_id} of {num_processes}" if process_id is not None else "this process")
+        waited = ("for the other processes to join" if process_id == 0 else
+                  "for the coordinator (process 0) to answer")
+        raise RuntimeError(
+            f"jax.distributed could not start: {who} waited {timeout_s} s {waited} at "
+            f"{coordinator_address or '(address from the cluster)'}. Start every process (process 0 "
+            f"first) with the same coordinator address and process count, check that process 0's host "
+            f"and port are reachable from here, or raise timeout_s. ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+    return jax.process_index(), jax.process_count()
+
+
+def _wait_for_coordinator(address: str, process_id, num_processes, timeout_s: float) -> None:
+    """Return once `address` ("host:port") accepts a TCP connection; RuntimeError after `timeout_s`.
+    (Checked here because jaxlib ends the process, instead of raising, when it cannot connect.)"""
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator address {address!r} (JAX_COORDINATOR_ADDRESS) must be host:port, "
+                         f"e.g. 'localhost:12355' or '10.0.0.1:12355'")
+    host = host.strip("[]")   # [::1]:port
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"jax.distributed could not start: process {process_id} of {num_processes} waited "
+                    f"{timeout_s} s for the coordinator (process 0) to answer at {address} ({err}). Start "
+                    f"every process (process 0 first) with the same coordinator address and process count, "
+                    f"check that process 0's host and port are reachable from here, or raise timeout_s.") from None
+        time.sleep(0.25)
+
+
+def _env_int(name: str, value: int | None) -> int | None:
+    if value is not None:
+        return int(value)
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def is_main_process() -> bool:
+    """True in the process that writes logs, metrics and the run directory (process 0)."""
+    return jax.process_index() == 0
+
+
+def gather_to_host(tree):
+    """Every array of `tree` whole, as numpy, in every process (an all-gather across processes for
+    arrays split over several; a plain copy for arrays this process holds whole)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

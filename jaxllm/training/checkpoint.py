@@ -65,7 +65,7 @@ class Checkpointer:
             enable_async_checkpointing=True, todelete_subdir=DELETED)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("model", "train", "meta"))
-        self._writer = create
+        self._writer = create and jax.process_index() == 0   # with several processes, process 0 deletes
         self._purge()
 
     def latest_step(self) -> int | None:

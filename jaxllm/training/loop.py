@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -130,6 +131,12 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     load_state_dict(d) to resume from it (e.g. an adaptive KL coefficient).
     """
     optimizer = make_optimizer(optim)
+    main = parallel.is_main_process()   # several processes (parallel.initialize): process 0 logs and writes
+    log = print if main else (lambda *args, **kwargs: None)
+    if jax.process_count() > 1 and not loop.mesh:
+        raise ValueError(f"this run has {jax.process_count()} processes (jax.distributed) but no train.mesh: "
+                         f"set train.mesh (e.g. 'data:-1' or 'fsdp:-1') so that one model spans every "
+                         f"process's devices")
     if loop.mesh:
         mesh = parallel.make_mesh(loop.mesh)
         parallel.check_batch_size(loop.batch_size, mesh, loop.mesh)
@@ -154,7 +161,7 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         else:
             nnx.update(model, jax.device_put(ckpt.restore_model(saved, start)))
     elif loop.resume:
-        print(f"train.resume: {ckpt.directory} holds no checkpoint yet; starting from step 0")
+        log(f"train.resume: {ckpt.directory} holds no checkpoint yet; starting from step 0")
     graphdef, state = init_train_state(model, optimizer, trainable)
     state_sharding = None
     if loop.mesh:  # split by the partition rules; the optimizer moments like their parameters
@@ -171,10 +178,11 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
             restored = jax.device_put(ckpt.restore_train(saved_train, start))  # uncommitted like a fresh state
         state = state._replace(step=restored["step"], opt_state=restored["opt_state"])
     if loop.mesh:
-        state = jax.device_put(state, state_sharding)
+        state = parallel.place(state, state_sharding)
         if constants is not None:
-            constants = jax.device_put(constants, parallel.replicated(mesh))
-        print(f"mesh {', '.join(f'{a}:{n}' for a, n in mesh.shape.items())} over {mesh.size} devices")
+            constants = parallel.place(constants, parallel.replicated(mesh))
+        log(f"mesh {', '.join(f'{a}:{n}' for a, n in mesh.shape.items())} over {mesh.size} devices"
+            + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     elif mesh is not None:  # placed once; the step's outputs keep this placement
         state = jax.device_put(state, parallel.replicated(mesh))
         if constants is not None:
@@ -196,8 +204,8 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         evaluate = make_eval(graphdef, mesh) if constants is None else make_eval(graphdef, mesh, constants=constants)
     compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
     peak, peak_source = (loop.peak_flops, "train.peak_flops") if loop.peak_flops else peak_flops(compute_dtype)
-    writer = MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard,
-                           resume_step=start if loop.resume else None)
+    writer = (MetricsWriter(loop.out_dir, tensorboard=loop.tensorboard, resume_step=start if loop.resume else None)
+              if main else _NoMetrics())
     base_key = jax.random.key(loop.seed)
 
     def make_batch(it):
@@ -214,9 +222,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     pending: list[tuple[int, dict]] = []   # dispatched steps whose metrics are not yet read
     window = {"steps": 0, "start": time.perf_counter()}   # throughput since the last log
     last_eval = "-"
-    bar = tqdm(total=loop.max_iters, initial=start, disable=not loop.progress, desc="train",
+    bar = tqdm(total=loop.max_iters, initial=start, disable=not (loop.progress and main), desc="train",
                dynamic_ncols=True)
-    print(f"MFU is measured against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    log(f"MFU is measured against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     loop_start = time.perf_counter()
     compile_seconds = eval_seconds = checkpoint_seconds = 0.0
     prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-batch")
@@ -290,13 +298,13 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
                 eval_seconds += time.perf_counter() - paused
             if do_ckpt:
                 t_ckpt = time.perf_counter()
-                if tokenizer_pending:
+                if tokenizer_pending and main:
                     write_tokenizer(tokenizer, loop.out_dir)
                     tokenizer_pending = False
                 model_state = (nnx.merge_state(state.trainable, state.frozen) if checkpoint_frozen
                                else state.trainable)
-                ckpt.save(done, _host_copy(model_state),
-                          _host_copy({"step": state.step, "opt_state": state.opt_state}),
+                ckpt.save(done, _checkpoint_copy(model_state),
+                          _checkpoint_copy({"step": state.step, "opt_state": state.opt_state}),
                           meta if online is None else {**meta, "online": online.state_dict()})
                 if not loop.async_checkpoints:
                     ckpt.wait()
@@ -320,6 +328,25 @@ def _host_copy(tree):
     """A host-memory copy of every array: the next step overwrites the donated device buffers while
     the background writer still reads this copy (on CPU, np.asarray alone may alias them)."""
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _checkpoint_copy(tree):
+    """What a checkpoint is written from: a host copy (`_host_copy`); with several processes, where
+    no process holds the whole of a split array, a copy on the devices, split like the state, of
+    which Orbax writes each process's parts (collectively)."""
+    if jax.process_count() > 1:
+        return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
+    return _host_copy(tree)
+
+
+class _NoMetrics:
+    """The metrics writer of processes other than 0: they compute the same numbers, one writes them."""
+
+    def write(self, step, values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -347,6 +374,8 @@ def _write_back(model: nnx.Module, state: TrainState, mesh) -> None:
     trainable, frozen = state.trainable, state.frozen
     if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves((trainable, frozen))):
         return
+    if jax.process_count() > 1:   # split across processes: every process gathers the whole model
+        trainable, frozen = parallel.gather_to_host((trainable, frozen))
     if mesh is not None:
         trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
     nnx.update(model, trainable, frozen)
@@ -362,7 +391,9 @@ def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
                 "train.resume=true to continue that run, train.overwrite=true to replace it, or "
                 "choose another train.out_dir.")
         ckpt.close()
-        clear_run_dir(loop.out_dir)   # checkpoints, tokenizer, metrics, TensorBoard files, adapter
+        if parallel.is_main_process():
+            clear_run_dir(loop.out_dir)   # checkpoints, tokenizer, metrics, TensorBoard files, adapter
+        parallel.sync("jaxllm-clear-run-dir")
         ckpt = Checkpointer(loop.out_dir, keep=loop.keep_ckpts)
     return ckpt
 
