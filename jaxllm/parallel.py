@@ -406,8 +406,9 @@ def constrain_rows(x: jax.Array) -> jax.Array:
 
 def shard_model(model, mesh: Mesh, rules=None):
     """Place an nnx model's state on `mesh` by the partition rules (in place; returns `model`), e.g.
-    to decode with `jaxllm.generate` over tensor-parallel weights: GSPMD then splits every matmul
-    and the KV cache follows its heads, and `generate` splits the prompt rows over data x fsdp."""
+    to decode with `jaxllm.generate` over tensor-parallel weights: GSPMD then splits the matmuls and
+    `generate` splits the prompt rows over data x fsdp. The KV cache, laid out (B*H, hd, S) with batch
+    and heads merged, splits over data only: each tensor device holds its rows' whole cache."""
     from flax import nnx
     state = nnx.state(model)
     nnx.update(model, place(state, state_shardings(state, mesh, rules)))
