@@ -22,8 +22,10 @@ Three parts, each its own timed run (``--part retrieval|rag|agent|all``):
 3. Agent. 4- to 6-digit multiplication. One GPT is fine-tuned with ``jaxllm sft`` on ReAct steps in
    ``LLMAgent``'s exact prompt (step 1: thought, "Action: calculator", "Action Input: a * b",
    "Observation:"; step 2, after the calculator's observation: "Final Answer: {product}"); another
-   model of the same size, steps and data on "Question: What is a * b?\\nAnswer: {product}". Held-out
-   exact match through ``LLMAgent(LLM, [Calculator()])`` against the direct model.
+   model of the same size, steps and data on "Question: What is a * b?\\nAnswer: {product}" (both 3
+   layers, 128 wide, batch 16, 4,000 steps). Held-out exact match through
+   ``LLMAgent(LLM, [Calculator()])`` against the direct model. (4 layers, batch 32, 2,000 steps: 90.0%,
+   every miss a wrong copy of the product from the observation, e.g. 54467280 -> 54667280.)
 
 The tokenizer is word-level over each part's corpus (``corpus_tokenizer``: a word with its leading
 space, each digit, each punctuation mark and newline one token), so a copied name or digit is one
@@ -123,7 +125,7 @@ def corpus_tokenizer(texts, directory):
 
 
 def sft(work: pathlib.Path, name: str, records, held, iters: int, block: int, n_layer: int = 4,
-        lr: float = 2e-3, batch: int = 32) -> dict:
+        lr: float = 2e-3, batch: int = 32, n_head: int = 4) -> dict:
     from jaxllm.alignment.sft import SFTConfig, run_sft
     from jaxllm.configfile import load_config
 
@@ -133,7 +135,7 @@ def sft(work: pathlib.Path, name: str, records, held, iters: int, block: int, n_
                 f.write(json.dumps({"prompt": p, "completion": c}) + "\n")
     overrides = [f"data.train_file={work / f'{name}_train.jsonl'}", f"data.eval_file={work / f'{name}_eval.jsonl'}",
                  f"data.tokenizer={work / 'tokenizer'}", "data.packing=false", "eval.examples=0",
-                 f"model.n_layer={n_layer}", "model.n_head=4", "model.n_embd=128", f"model.block_size={block}",
+                 f"model.n_layer={n_layer}", f"model.n_head={n_head}", "model.n_embd=128", f"model.block_size={block}",
                  "model.dropout=0.0", f"train.out_dir={work / name}", f"train.batch_size={batch}",
                  f"train.max_iters={iters}", f"train.eval_interval={iters}", f"train.ckpt_interval={iters}",
                  "train.overwrite=true", f"optim.learning_rate={lr}", "optim.min_lr=1e-4", "optim.warmup_iters=100",
@@ -200,11 +202,11 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
         e = entities[rng.integers(len(entities))]
         r = relations[rng.integers(len(relations))]
         others = [x for x in relations if x != r]
-        # 1 to 3 documents (mostly 3, as retrieved): with one, the answer is to copy; then to choose.
-        # Distractors name the same relation for another country (2/3: telling countries apart is what
-        # the reader got wrong most) or the same country with another relation.
-        n_docs = int(rng.choice([1, 2, 3], p=[0.15, 0.25, 0.6]))
-        picks = [(e, r)] + [(e, others[rng.integers(len(others))]) if rng.random() < 1 / 3
+        # 1 to 3 documents: with one, the answer is to copy; then to choose. Distractors: the same
+        # country with another relation, or the same relation of another country, half and half
+        # (mostly 3 documents, 2 in 3 distractors of another country: 58.4% held out, slower to learn)
+        n_docs = int(rng.integers(1, 4))
+        picks = [(e, r)] + [(e, others[rng.integers(len(others))]) if rng.random() < 0.5
                             else (entities[rng.integers(len(entities))], r) for _ in range(n_docs - 1)]
         texts, answer = [], None
         for pe, pr in picks:
@@ -219,7 +221,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     held = records[:200]
     corpus = docs + [q for f in facts for q in f["questions"]] + [build_rag_prompt("x", ["y"])]
     corpus_tokenizer(corpus, work / "tokenizer")
-    train_info = sft(work, "rag", records, held, args.rag_iters, block=80, n_layer=3)
+    train_info = sft(work, "rag", records, held, args.rag_iters, block=80, n_layer=3, lr=3e-3)
     model, _, tok, _ = load_checkpoint(work / "rag")
     llm = LLM(model, tok, max_new_tokens=4)
     rag = RAGSystem(llm, hybrid, top_k=3, max_new_tokens=4)
@@ -282,7 +284,8 @@ def agent_part(args, work) -> dict:
     corpus_tokenizer(corpus + ["0123456789"], work / "tokenizer")
     out = {"train_problems": len(train), "eval_problems": len(test)}
     t0 = time.perf_counter()
-    out["react_train"] = sft(work, "react", react, react_held, args.agent_iters, block=256)
+    out["react_train"] = sft(work, "react", react, react_held, args.agent_iters, block=256, n_layer=3,
+                             batch=16)
     model, _, tok, _ = load_checkpoint(work / "react")
     agent = LLMAgent(LLM(model, tok, max_new_tokens=48), [calc], max_new_tokens=48)
     t1 = time.perf_counter()
@@ -298,7 +301,8 @@ def agent_part(args, work) -> dict:
     print(f"agent: exact match {em:.1%}", flush=True)
 
     t0 = time.perf_counter()
-    out["direct_train"] = sft(work, "direct", direct, direct_held, args.agent_iters, block=48)
+    out["direct_train"] = sft(work, "direct", direct, direct_held, args.agent_iters, block=48, n_layer=3,
+                              batch=16)
     model, _, tok, _ = load_checkpoint(work / "direct")
     llm = LLM(model, tok, max_new_tokens=16)
     answers = llm.generate_batch([f"Question: {question(a, b)}\nAnswer:" for a, b in test], stop=("\n",))
@@ -323,8 +327,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "apps_tasks.json"))
     ap.add_argument("--work", default=None, help="where corpora and runs go (default: a temp dir)")
     args = ap.parse_args()
-    args.rag_iters = args.rag_iters or (200 if args.quick else 8000)
-    args.agent_iters = args.agent_iters or (200 if args.quick else 2000)
+    args.rag_iters = args.rag_iters or (200 if args.quick else 9000)
+    args.agent_iters = args.agent_iters or (200 if args.quick else 4000)
     if args.quick:
         args.agent_problems, args.agent_eval, args.rag_episodes = 2000, 50, 2000
 
