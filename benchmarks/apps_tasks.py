@@ -221,7 +221,7 @@ def rag_part(args, facts, docs, hybrid, work) -> dict:
     held = records[:200]
     corpus = docs + [q for f in facts for q in f["questions"]] + [build_rag_prompt("x", ["y"])]
     corpus_tokenizer(corpus, work / "tokenizer")
-    train_info = sft(work, "rag", records, held, args.rag_iters, block=80, n_layer=3, lr=3e-3)
+    train_info = sft(work, "rag", records, held, args.rag_iters, block=80, n_layer=3)
     model, _, tok, _ = load_checkpoint(work / "rag")
     llm = LLM(model, tok, max_new_tokens=4)
     rag = RAGSystem(llm, hybrid, top_k=3, max_new_tokens=4)
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "apps_tasks.json"))
     ap.add_argument("--work", default=None, help="where corpora and runs go (default: a temp dir)")
     args = ap.parse_args()
-    args.rag_iters = args.rag_iters or (200 if args.quick else 9000)
+    args.rag_iters = args.rag_iters or (200 if args.quick else 8000)
     args.agent_iters = args.agent_iters or (200 if args.quick else 4000)
     if args.quick:
         args.agent_problems, args.agent_eval, args.rag_episodes = 2000, 50, 2000
