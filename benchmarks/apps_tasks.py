@@ -22,10 +22,10 @@ Three parts, each its own timed run (``--part retrieval|rag|agent|all``):
 3. Agent. 4- to 6-digit multiplication. One GPT is fine-tuned with ``jaxllm sft`` on ReAct steps in
    ``LLMAgent``'s exact prompt (step 1: thought, "Action: calculator", "Action Input: a * b",
    "Observation:"; step 2, after the calculator's observation: "Final Answer: {product}"); another
-   model of the same size, steps and data on "Question: What is a * b?\\nAnswer: {product}" (both 3
-   layers, 128 wide, batch 16, 4,000 steps). Held-out exact match through
-   ``LLMAgent(LLM, [Calculator()])`` against the direct model. (4 layers, batch 32, 2,000 steps: 90.0%,
-   every miss a wrong copy of the product from the observation, e.g. 54467280 -> 54667280.)
+   model of the same size, steps and data on "Question: What is a * b?\\nAnswer: {product}" (both 4
+   layers, 128 wide, batch 32, 2,000 steps). Held-out exact match through
+   ``LLMAgent(LLM, [Calculator()])`` against the direct model. (3 layers, batch 16, 4,000 steps:
+   60.2%; the misses of both are wrong copies of the product from the observation.)
 
 The tokenizer is word-level over each part's corpus (``corpus_tokenizer``: a word with its leading
 space, each digit, each punctuation mark and newline one token), so a copied name or digit is one
@@ -284,8 +284,7 @@ def agent_part(args, work) -> dict:
     corpus_tokenizer(corpus + ["0123456789"], work / "tokenizer")
     out = {"train_problems": len(train), "eval_problems": len(test)}
     t0 = time.perf_counter()
-    out["react_train"] = sft(work, "react", react, react_held, args.agent_iters, block=256, n_layer=3,
-                             batch=16)
+    out["react_train"] = sft(work, "react", react, react_held, args.agent_iters, block=256)
     model, _, tok, _ = load_checkpoint(work / "react")
     agent = LLMAgent(LLM(model, tok, max_new_tokens=48), [calc], max_new_tokens=48)
     t1 = time.perf_counter()
@@ -301,8 +300,7 @@ def agent_part(args, work) -> dict:
     print(f"agent: exact match {em:.1%}", flush=True)
 
     t0 = time.perf_counter()
-    out["direct_train"] = sft(work, "direct", direct, direct_held, args.agent_iters, block=48, n_layer=3,
-                              batch=16)
+    out["direct_train"] = sft(work, "direct", direct, direct_held, args.agent_iters, block=48)
     model, _, tok, _ = load_checkpoint(work / "direct")
     llm = LLM(model, tok, max_new_tokens=16)
     answers = llm.generate_batch([f"Question: {question(a, b)}\nAnswer:" for a, b in test], stop=("\n",))
@@ -328,7 +326,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where corpora and runs go (default: a temp dir)")
     args = ap.parse_args()
     args.rag_iters = args.rag_iters or (200 if args.quick else 8000)
-    args.agent_iters = args.agent_iters or (200 if args.quick else 4000)
+    args.agent_iters = args.agent_iters or (200 if args.quick else 2000)
     if args.quick:
         args.agent_problems, args.agent_eval, args.rag_episodes = 2000, 50, 2000
 
