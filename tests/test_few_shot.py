@@ -92,6 +92,8 @@ def test_batch_bad_input(learner):
         learner.predict_batch(TASK, EXAMPLES, "grass")
     with pytest.raises(ValueError, match="exceeds the model.s block_size 256"):
         learner.predict(TASK, EXAMPLES * 4, "grass")
+    with pytest.raises(ValueError, match="exceeds the model.s block_size 256"):
+        learner.predict_consistent(TASK, EXAMPLES * 4, "grass")
     assert learner.predict_batch(TASK, EXAMPLES, []) == []
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from jaxllm.prompting.self_consistency import SelfConsistencyResult, self_consistency
 from jaxllm.sampling import SamplingConfig, generate_text
@@ -119,11 +118,6 @@ class FewShotLearner:
                            max_new_tokens: int | None = None, **strategy) -> SelfConsistencyResult:
         """Self-consistency: n sampled answers (temperature 0.7 unless given) and their majority."""
         prompt = self.create_few_shot_prompt(task, examples, query)
-        max_new = self._max_new(max_new_tokens)
-        if len(self.tokenizer.encode(prompt)) + max_new > self.model.config.block_size:
-            raise ValueError(f"the prompt with max_new_tokens={max_new} exceeds the model's block_size "
-                             f"{self.model.config.block_size}: give fewer or shorter examples, or lower "
-                             f"max_new_tokens")
         return self_consistency(self.model, self.tokenizer, prompt, n, sampling,
-                                extractor=lambda s: _answer(s) or None, max_new_tokens=max_new,
-                                key=key, **strategy)
+                                extractor=lambda s: _answer(s) or None, max_new_tokens=self._max_new(max_new_tokens),
+                                key=key, must_fit=True, **strategy)

@@ -58,13 +58,14 @@ class SelfConsistencyResult:
 
 def self_consistency(model, tokenizer, prompt: str, n: int = 8, sampling: SamplingConfig | None = None, *,
                      extractor: Callable[[str], str | None] = extract_answer, max_new_tokens: int = 128,
-                     stop_at_eos: bool = True, key: jax.Array | None = None,
+                     stop_at_eos: bool = True, key: jax.Array | None = None, must_fit: bool = False,
                      **strategy) -> SelfConsistencyResult:
     """Sample `n` continuations of `prompt` in one batched call and vote on their extracted answers.
 
     `extractor(text) -> answer or None` defaults to `extract_answer`. The strategy is generate's
     (`sampling` and/or its fields as keywords), with temperature 0.7 unless given. Sampling must be
-    random: temperature 0 would give n identical samples."""
+    random: temperature 0 would give n identical samples. With `must_fit`, a prompt that with
+    `max_new_tokens` exceeds the model's block_size is a ValueError (else it is cropped from the left)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if sampling is None:
@@ -75,6 +76,10 @@ def self_consistency(model, tokenizer, prompt: str, n: int = 8, sampling: Sampli
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty; give the question as text")
+    block = model.config.block_size
+    if must_fit and len(ids) + max_new_tokens > block:
+        raise ValueError(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                         f"model's block_size {block}: shorten the prompt or lower max_new_tokens")
     eos_id = tokenizer.eos_id if stop_at_eos else None
     out = generate(model, np.asarray([ids] * n), max_new_tokens, sampling, eos_id=eos_id,
                    key=jax.random.key(0) if key is None else key)
