@@ -236,14 +236,12 @@ def _cmd_rag_index(args) -> None:
 
 
 def _cmd_rag_ask(args) -> None:
-    from jaxllm.apps import LLM, BM25Retriever, DenseIndex, HybridRetriever, RAGSystem
+    from jaxllm.apps import LLM, DenseIndex, RAGSystem, build_retriever
     from jaxllm.apps.retrieval import _query
     from jaxllm.embeddings import SentenceEncoder
 
     question = _query(args.question)
-    index = DenseIndex.load(args.index, SentenceEncoder.load(args.encoder))
-    retriever = {"dense": lambda: index, "bm25": lambda: BM25Retriever(index.texts),
-                 "hybrid": lambda: HybridRetriever(index, BM25Retriever(index.texts))}[args.retriever]()
+    retriever = build_retriever(args.retriever, dense=DenseIndex.load(args.index, SentenceEncoder.load(args.encoder)))
     if args.model is None:
         for i, hit in enumerate(retriever.retrieve(question, args.top_k), start=1):
             print(f"Document {i} (score {hit.score:.4f}): {hit.text}")

@@ -39,7 +39,7 @@ from flax import nnx
 from jaxllm import parallel
 from jaxllm.logits_processors import SamplingConfig, apply_processors, needs_seen, sample_with_strategy
 
-__all__ = ["SamplingConfig", "cut_at_eos", "cut_at_stop", "decode_stream", "generate", "generate_chunks",
+__all__ = ["SamplingConfig", "cut_at_eos", "cut_at_stop", "cut_at_stop_strings", "decode_stream", "generate", "generate_chunks",
            "generate_text", "prepare_prompts", "sample_in_jit", "sample_with_strategy", "sampler_plan", "stream"]
 
 
@@ -459,8 +459,11 @@ def generate_text(model: nnx.Module, tokenizer, prompts, max_new_tokens: int,
     width = max(len(r) for r in rows)
     texts = []
     for row in out[:, width:]:
-        text = tokenizer.decode(cut_at_eos(row, eos))
-        for s in stop:
-            text = text.split(s, 1)[0]
-        texts.append(text)
+        texts.append(cut_at_stop_strings(tokenizer.decode(cut_at_eos(row, eos)), stop))
     return texts
+
+
+def cut_at_stop_strings(text: str, stop: Sequence[str]) -> str:
+    """`text` before the first occurrence of any of the `stop` strings (all of it if none occurs)."""
+    ends = [text.find(s) for s in stop]
+    return text[:min([e for e in ends if e >= 0], default=len(text))]

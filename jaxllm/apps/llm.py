@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 
-from jaxllm.sampling import SamplingConfig, generate_text
+from jaxllm.sampling import SamplingConfig, cut_at_stop_strings, generate_text
 
 
 class LLM:
@@ -78,9 +78,7 @@ def complete(llm, prompts: Sequence[str], stop: Sequence[str] = (), max_new_toke
         text = llm(p)
         if not isinstance(text, str):
             raise TypeError(f"llm returned {type(text).__name__}, not a str")
-        for s in stop:
-            text = text.split(s, 1)[0]
-        out.append(text)
+        out.append(cut_at_stop_strings(text, stop))
     return out
 
 

@@ -54,18 +54,20 @@ class RAGAnswer:
     prompt: str
 
 
-def build_retriever(kind: str, texts: Sequence[str], encoder=None):
-    """A retriever of `kind` ("hybrid", "dense" or "bm25") over `texts` (the encoder: jaxllm's MiniLM
-    unless given)."""
+def build_retriever(kind: str, texts: Sequence[str] | None = None, encoder=None, *, dense: DenseIndex | None = None):
+    """A retriever of `kind` ("hybrid", "dense" or "bm25") over `texts`, or over the texts of a
+    `dense` index already built (e.g. loaded from disk), which it then reuses (the encoder:
+    jaxllm's MiniLM unless given)."""
     if kind not in KINDS:
         raise ValueError(f"retriever kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
-    texts = _documents(texts)
+    texts = dense.texts if dense is not None else _documents(texts)
     if kind == "bm25":
         return BM25Retriever(texts)
-    if encoder is None:
-        from jaxllm.embeddings import SentenceEncoder
-        encoder = SentenceEncoder.load()
-    dense = DenseIndex.build(texts, encoder)
+    if dense is None:
+        if encoder is None:
+            from jaxllm.embeddings import SentenceEncoder
+            encoder = SentenceEncoder.load()
+        dense = DenseIndex.build(texts, encoder)
     return dense if kind == "dense" else HybridRetriever(dense, BM25Retriever(texts))
 
 

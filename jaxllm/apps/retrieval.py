@@ -101,7 +101,20 @@ def _top_k(embeddings_ND, queries_QD, *, k: int):
     return jax.lax.top_k(queries_QD @ embeddings_ND.T, k)
 
 
-class DenseIndex:
+class _Retriever:
+    """What every retriever shares: `retrieve` is one query through its batched `search`."""
+
+    texts: list[str]
+
+    def search(self, queries: Sequence[str], k: int):
+        raise NotImplementedError
+
+    def retrieve(self, query: str, k: int = 3) -> list[Hit]:
+        idx, scores = self.search([query], k)
+        return [Hit(int(i), self.texts[int(i)], float(s)) for i, s in zip(idx[0], scores[0])]
+
+
+class DenseIndex(_Retriever):
     """Cosine top-k over the documents' sentence embeddings."""
 
     def __init__(self, texts: Sequence[str], embeddings, encoder):
@@ -122,10 +135,6 @@ class DenseIndex:
         q = self.encoder.encode([_query(x) for x in queries])
         scores, idx = _top_k(self._device, jnp.asarray(q, jnp.float32), k=_k(k, len(self.texts)))
         return np.asarray(idx), np.asarray(scores)
-
-    def retrieve(self, query: str, k: int = 3) -> list[Hit]:
-        idx, scores = self.search([query], k)
-        return [Hit(int(i), self.texts[i], float(s)) for i, s in zip(idx[0], scores[0])]
 
     def save(self, directory) -> Path:
         """Write the index to `directory` atomically (replacing an index already there)."""
@@ -185,7 +194,7 @@ def _bm25s_quiet():
         logger.setLevel(level)
 
 
-class BM25Retriever:
+class BM25Retriever(_Retriever):
     """Lexical retrieval: BM25 over lower-cased word tokens, English stopwords removed (bm25s).
     Documents left with no word (empty, or stopwords only) are kept and never match."""
 
@@ -211,10 +220,6 @@ class BM25Retriever:
             idx, scores = self._model.retrieve(tokens, k=k, show_progress=False)
         return np.asarray(idx), np.asarray(scores)
 
-    def retrieve(self, query: str, k: int = 3) -> list[Hit]:
-        idx, scores = self.search([query], k)
-        return [Hit(int(i), self.texts[i], float(s)) for i, s in zip(idx[0], scores[0])]
-
 
 def rrf_scores(rankings: Sequence[Sequence[int]], rrf_k: int = 60) -> dict[int, float]:
     """Reciprocal-rank fusion: document -> sum over rankings of 1 / (rrf_k + rank), rank from 1."""
@@ -225,7 +230,7 @@ def rrf_scores(rankings: Sequence[Sequence[int]], rrf_k: int = 60) -> dict[int, 
     return fused
 
 
-class HybridRetriever:
+class HybridRetriever(_Retriever):
     """Dense + BM25 by reciprocal-rank fusion of each one's top `depth`."""
 
     def __init__(self, dense: DenseIndex, lexical: BM25Retriever, *, rrf_k: int = 60, depth: int = 50):
@@ -245,7 +250,3 @@ class HybridRetriever:
             out_idx.append([d for d, _ in best])
             out_scores.append([s for _, s in best])
         return out_idx, out_scores
-
-    def retrieve(self, query: str, k: int = 3) -> list[Hit]:
-        idx, scores = self.search([query], k)
-        return [Hit(i, self.texts[i], s) for i, s in zip(idx[0], scores[0])]
