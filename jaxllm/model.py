@@ -166,17 +166,37 @@ def _recomputed(fn, module: nnx.Module, *args):
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` plus a slot for a low-rank update (filled by `jaxllm.peft.lora`).
+    """`nnx.Linear` plus a slot for a low-rank update (filled by `jaxllm.peft.lora`), and an
+    optional split output.
 
     The slot holds a module called as lora(x, y, dropout_key) -> y that adds its update to the
-    base output y; the base kernel and bias keep their usual state paths."""
+    base output y; the base kernel and bias keep their usual state paths.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    `out_split` stores the kernel as (in, *out_split) and the bias as out_split (their product is
+    `out_features`), and the output comes out as (rows, *out_split): attention's fused projection is
+    (D, 3, D), q|k|v by heads, so a tensor-parallel split of its last axis gives each device whole
+    heads of q, k and v (a split of the flat 3*D columns would cut q, k and v apart). The values
+    are the flat layout's, reshaped: the same initialisation, and HF's fused c_attn is a reshape
+    away."""
+
+    def __init__(self, in_features: int, out_features: int, *, out_split: tuple[int, ...] | None = None,
+                 **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        if out_split is not None:
+            if math.prod(out_split) != out_features:
+                raise ValueError(f"out_split {out_split} does not multiply to out_features={out_features}")
+            self.kernel = nnx.Param(self.kernel[...].reshape(in_features, *out_split))
+            if self.bias is not None:
+                self.bias = nnx.Param(self.bias[...].reshape(out_split))
         self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = super().__call__(x)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x_, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = self.dot_general(x_, kernel, (((x_.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if bias is not None:
+            y = y + bias   # (out) or out_split: broadcast over the leading axes
         return y if self.lora is None else self.lora(x, y, dropout_key)
 
 
@@ -187,7 +207,8 @@ class CausalSelfAttention(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.fused = cfg.fused_attention(jax.default_backend())
         common = dict(use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.c_attn = Linear(d, 3 * d, kernel_init=nnx.initializers.normal(_INIT_STD), **common)
+        self.c_attn = Linear(d, 3 * d, out_split=(3, d), kernel_init=nnx.initializers.normal(_INIT_STD),
+                             **common)
         resid_std = _INIT_STD / math.sqrt(2 * cfg.n_layer)
         self.c_proj = Linear(d, d, kernel_init=nnx.initializers.normal(resid_std), **common)
 
@@ -199,7 +220,7 @@ class CausalSelfAttention(nnx.Module):
         (B, T, S)), and it returns (y, (k_NdS, v_NSd)). `gate` is None, or (n, gate_H) for a gated
         prefix in slots [0, n) (see `_attention_probs`)."""
         H, hd = self.n_head, self.head_dim
-        qkv = self.c_attn(x_ND, _fold(dropout_key, 2)).reshape(B, T, 3, H, hd)
+        qkv = self.c_attn(x_ND, _fold(dropout_key, 2)).reshape(B, T, 3, H, hd)   # from (B*T, 3, D)
         q_BTHd, k_BTHd, v_BTHd = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if kv is not None:
             return self._attend_cached(q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTT, dropout_key, kv)

@@ -187,8 +187,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "vocab": None,      # GPT-2's 50257 rows divide nothing
     "embed": "fsdp",    # ZeRO-3: weights, gradients and optimizer state split along the model width
-    "qkv": "tensor",    # Megatron: attention's fused q|k|v output columns ...
-    "heads": "tensor",  # ... and c_proj's input rows, one share of the heads' width per device
+    "heads": "tensor",  # Megatron: whole heads of q, k and v (c_attn is (D, 3, D)), c_proj's input rows
     "mlp": "tensor",    # the MLP's hidden dimension
 }
 
@@ -197,8 +196,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "wte.embedding": ("vocab", "embed"),
     "wpe.embedding": (None, "embed"),
-    "attn.c_attn.kernel": ("embed", "qkv"),
-    "attn.c_attn.bias": ("qkv",),
+    "attn.c_attn.kernel": ("embed", None, "heads"),   # (D, 3, D): q|k|v, each split by heads
+    "attn.c_attn.bias": (None, "heads"),
     "attn.c_proj.kernel": ("heads", "embed"),
     "mlp.c_fc.kernel": ("embed", "mlp"),
     "mlp.c_fc.bias": ("mlp",),
@@ -316,7 +315,7 @@ def _matches(name: str, suffix: str) -> bool:
 
 def logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
     """The logical axes of the parameter at state path `name` (all None: replicated). LoRA's
-    factors (parts, in, r) and (parts, r, out) follow their base kernel's in and out axes."""
+    factors (parts, in, r) and (parts, r, out) follow their base kernel's in and (last) out axes."""
     for suffix, axes in LOGICAL_AXES.items():
         if _matches(name, suffix) and len(axes) == ndim:
             return axes
@@ -325,7 +324,7 @@ def logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
             if _matches(name, base + ".lora.a"):
                 return (None, axes[0], None)
             if _matches(name, base + ".lora.b"):
-                return (None, None, axes[1])
+                return (None, None, axes[-1])
     return (None,) * ndim
 
 

@@ -135,7 +135,7 @@ def test_loss_and_every_weight_gradient_match_transformers(loaded, hf_model, tok
     specs = hf_tensor_specs(cfg)
     assert set(specs) == set(hf_grads)  # the tied head's gradient lives in wte in both
     for name, spec in specs.items():
-        g_jax, g_hf = np.asarray(flat[spec.path]), hf_grads[name]
+        g_jax, g_hf = np.asarray(flat[spec.path]).reshape(spec.shape), hf_grads[name]  # c_attn: (D, 3, D)
         # fp32 summation order differs: each gradient agrees to 1e-5 of its own largest entry
         tol = 1e-8 + 1e-5 * np.abs(g_hf).max()
         assert np.abs(g_jax - g_hf).max() < tol, name

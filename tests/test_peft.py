@@ -84,7 +84,7 @@ def _expected_scale(config):
 
 def _ref_linear(lin, x):
     """x @ W + b, plus x @ A @ B * scale on each LoRA part's slice of the output."""
-    y = x @ _np(lin.kernel) + _np(lin.bias)
+    y = x @ _np(lin.kernel).reshape(x.shape[-1], -1) + _np(lin.bias).reshape(-1)  # c_attn's (D, 3, D) as (D, 3D)
     lora = lin.lora
     if lora is not None and lora.enabled and not lora.merged:
         a, b = _np(lora.a), _np(lora.b)
@@ -512,8 +512,8 @@ def test_q_v_targets_update_only_the_q_and_v_thirds_of_c_attn():
     lin, D = layers["h.0.attn.c_attn"], TINY.n_embd
     x = jnp.asarray(np.random.default_rng(1).standard_normal((6, D)), jnp.float32)
     with disabled(model):
-        base_out = np.asarray(lin(x))
-    out = np.asarray(lin(x))
+        base_out = np.asarray(lin(x)).reshape(6, 3 * D)   # (rows, 3, D): q|k|v
+    out = np.asarray(lin(x)).reshape(6, 3 * D)
     np.testing.assert_array_equal(out[:, D:2 * D], base_out[:, D:2 * D])          # k untouched
     a, b, xs = _np(lin.lora.a), _np(lin.lora.b), np.asarray(x, np.float64)
     for p, third in enumerate([slice(0, D), slice(2 * D, 3 * D)]):                 # q, v
@@ -528,7 +528,7 @@ def test_all_linear_covers_the_four_linear_layers_of_every_block():
     assert set(layers) == expected
     for name, lin in layers.items():
         (part,) = lin.lora.parts
-        assert (part.name, part.offset, part.size) == (name, 0, lin.kernel.shape[1])
+        assert (part.name, part.offset, part.size) == (name, 0, lin.out_features)
 
 
 def test_string_target_is_a_regex_on_the_whole_name_and_list_entries_match_dotted_suffixes():

@@ -77,8 +77,8 @@ def test_rules_split_embeddings_over_fsdp_and_heads_and_mlp_over_tensor():
     specs = _specs(parallel.state_shardings(state.trainable, mesh))
     assert specs["wte.embedding"] == P(None, "fsdp")        # the vocabulary stays whole
     assert specs["wpe.embedding"] == P(None, "fsdp")
-    assert specs["h.0.attn.c_attn.kernel"] == P("fsdp", "tensor")
-    assert specs["h.0.attn.c_attn.bias"] == P("tensor")
+    assert specs["h.0.attn.c_attn.kernel"] == P("fsdp", None, "tensor")   # (D, 3, D): whole heads of q, k, v
+    assert specs["h.0.attn.c_attn.bias"] == P(None, "tensor")
     assert specs["h.1.attn.c_proj.kernel"] == P("tensor", "fsdp")
     assert specs["h.1.attn.c_proj.bias"] == P()
     assert specs["h.0.mlp.c_fc.kernel"] == P("fsdp", "tensor")
@@ -289,8 +289,42 @@ def test_a_checkpoint_written_under_fsdp8_restores_bit_exactly_on_another_mesh_a
         if where == "one device":
             assert kernel.sharding.device_set == moment.sharding.device_set == {jax.devices()[5]}
         else:   # heads (and the Adam moments of the MLP) split over tensor, on the four devices only
-            assert kernel.sharding.spec == moment.sharding.spec == P(None, "tensor")
+            assert kernel.sharding.spec == P(None, None, "tensor") and moment.sharding.spec == P(None, "tensor")
             assert kernel.sharding.device_set == set(jax.devices()[:4])
+
+
+def test_a_checkpoint_with_the_earlier_flat_c_attn_restores_into_the_per_head_layout(tmp_path):
+    """Runs written before c_attn became (D, 3, D) stored it (and its Adam moments) as (D, 3D): they
+    restore, reshaped, bit for bit, on one device and split by heads on a tensor mesh."""
+    from jaxllm.training.checkpoint import Checkpointer
+    _, state, _ = _state()
+    model_state = nnx.merge_state(state.trainable, state.frozen)
+    train = {"step": jnp.asarray(5, jnp.int32), "opt_state": jax.tree.map(lambda a: a + 1.0, state.opt_state)}
+
+    def flat(path, x):   # the earlier layout
+        return x.reshape(x.shape[0], -1) if parallel._path_name(path).endswith("c_attn.kernel") else \
+            x.reshape(-1) if parallel._path_name(path).endswith("c_attn.bias") else x
+    old_model = jax.tree_util.tree_map_with_path(flat, nnx.to_pure_dict(model_state))
+    old_train = jax.tree_util.tree_map_with_path(flat, train)
+    assert old_model["h"][0]["attn"]["c_attn"]["kernel"].shape == (32, 96)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(5, nnx.State(old_model), old_train, {})
+    ckpt.close()
+
+    reader = Checkpointer(tmp_path, create=False)
+    mesh = parallel.make_mesh("tensor:4,data:2")
+    for shardings in (None, mesh):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model_state)
+        if shardings is None:
+            got_model, got_train = reader.restore_model(abstract), reader.restore_train(train)
+        else:
+            got_model = reader.restore_model(abstract, shardings=parallel.state_shardings(model_state, mesh))
+            got_train = reader.restore_train(train, shardings=parallel.state_shardings(train, mesh))
+            assert got_model["h"][1]["attn"]["c_attn"]["kernel"][...].sharding.spec == P(None, None, "tensor")
+        for got, want in ((got_model, model_state), (got_train, train)):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                assert a.shape == b.shape
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------- sharded generation
@@ -308,7 +342,7 @@ def test_greedy_generation_with_weights_split_over_tensor_and_rows_over_data_mat
     mesh = parallel.make_mesh("tensor:4,data:2")
     parallel.shard_model(model, mesh)
     kernel = model.h[0].attn.c_attn.kernel[...]
-    assert kernel.sharding.spec == P(None, "tensor") and parallel.mesh_of(nnx.state(model)) is mesh
+    assert kernel.sharding.spec == P(None, None, "tensor") and parallel.mesh_of(nnx.state(model)) is mesh
     got = np.asarray(generate(model, prompts, 20, temperature=0.0))
     print("one device:\n", expected[:, 5:], "\ntensor:4,data:2:\n", got[:, 5:])
     assert len({tuple(r) for r in expected[:, 5:].tolist()}) == 4 and len(set(expected[0, 5:])) > 3
@@ -318,4 +352,30 @@ def test_greedy_generation_with_weights_split_over_tensor_and_rows_over_data_mat
     # the seen-token matrix (B, V) of the repetition penalty splits its rows like the prompts
     np.testing.assert_array_equal(np.asarray(generate(model, prompts, 20, temperature=0.0, repetition_penalty=1.3)),
                                   expected_penalty)
-    assert model.h[0].attn.c_attn.kernel[...].sharding.spec == P(None, "tensor")  # left as placed
+    assert model.h[0].attn.c_attn.kernel[...].sharding.spec == P(None, None, "tensor")  # left as placed
+
+
+def test_tensor_parallel_step_needs_only_all_reduces_with_per_head_qkv():
+    """c_attn is (D, 3, D), split by heads over tensor: every device holds whole heads of q, k and
+    v, so attention runs locally and a tensor-parallel step needs only the all-reduces after
+    c_proj (forward) and c_attn/c_fc (backward). With the flat (D, 3D) columns split as they were,
+    the same step also all-gathered q|k|v (4 all-gathers for 2 layers)."""
+    import collections
+    import re
+    cfg = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=8, n_embd=64)
+    mesh = parallel.make_mesh("tensor:8")
+    graphdef, state, optimizer = _state(cfg)
+    params = parallel.state_shardings(state.trainable, mesh)
+    sharding = TrainState(parallel.replicated(mesh), params, parallel.state_shardings(state.frozen, mesh),
+                          parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh))
+    state = jax.device_put(state, sharding)
+    step = make_train_step(graphdef, lm_loss_fn, optimizer, mesh=mesh, state_sharding=sharding)
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, cfg.block_size + 1)).astype(np.int32)
+    batch = parallel.shard_batch((x[..., :-1], x[..., 1:]), mesh, 1)
+    with parallel.on_mesh(mesh):
+        hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
+    ops = collections.Counter(re.findall(
+        r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo))
+    print("tensor:8 step collectives:", dict(ops))
+    assert ops["all-reduce"] >= 2 * cfg.n_layer
+    assert set(ops) == {"all-reduce"}

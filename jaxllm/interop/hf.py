@@ -49,6 +49,11 @@ class TensorSpec:
     path: tuple                   # jaxllm state path, e.g. ("h", 0, "attn", "c_attn", "kernel")
     shape: tuple[int, ...]
     is_bias: bool                 # absent from a jaxllm model built with bias=False
+    jax_shape: tuple[int, ...] | None = None   # the jaxllm array's shape where it differs (a reshape)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        return self.shape if self.jax_shape is None else self.jax_shape
 
 
 def hf_tensor_specs(cfg: GPTConfig) -> dict[str, TensorSpec]:
@@ -64,6 +69,10 @@ def hf_tensor_specs(cfg: GPTConfig) -> dict[str, TensorSpec]:
             name, jpath = f"{HF_PREFIX}h.{i}.{hf_module}", ("h", i, *path)
             if hf_module.startswith("ln"):
                 specs.append(TensorSpec(name + ".weight", jpath + ("scale",), (D,), False))
+            elif hf_module == "attn.c_attn":   # jaxllm keeps q|k|v as (D, 3, D): see model.Linear
+                specs.append(TensorSpec(name + ".weight", jpath + ("kernel",), (n_in, n_out), False, (D, 3, D)))
+                specs.append(TensorSpec(name + ".bias", jpath + ("bias",), (n_out,), True, (3, D)))
+                continue
             else:
                 specs.append(TensorSpec(name + ".weight", jpath + ("kernel",), (n_in, n_out), False))
             specs.append(TensorSpec(name + ".bias", jpath + ("bias",), (n_out,), True))
@@ -158,7 +167,7 @@ def model_to_hf_state(model: GPT) -> dict[str, np.ndarray]:
         value = flat.get(spec.path)
         if value is None and spec.is_bias and not cfg.bias:
             value = np.zeros(spec.shape, np.float32)
-        out[name] = np.asarray(value, dtype=np.float32)
+        out[name] = np.asarray(value, dtype=np.float32).reshape(spec.shape)
     return out
 
 
@@ -205,7 +214,8 @@ def model_from_hf_state(tensors: Mapping[str, object], cfg: GPTConfig, source: s
     graphdef, state = nnx.split(model)
     values = {}
     for spec in wanted:
-        values[spec.path] = jnp.asarray(read(spec.hf_name, spec.shape), dtype=cfg.weight_dtype)
+        values[spec.path] = jnp.asarray(read(spec.hf_name, spec.shape).reshape(spec.model_shape),
+                                        dtype=cfg.weight_dtype)
     if "lm_head.weight" in by_name:
         head = read("lm_head.weight", specs[HF_PREFIX + "wte.weight"].shape)
         if not np.array_equal(head.astype(np.float32), np.asarray(values[("wte", "embedding")], np.float32)):

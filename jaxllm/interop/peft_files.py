@@ -50,7 +50,7 @@ def _fused(lin) -> tuple[np.ndarray, np.ndarray]:
     P, d_in, r = a.shape
     # contiguous: safetensors writes an array's buffer as is, whatever its strides
     A = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(P * r, d_in))
-    B = np.zeros((lin.kernel.shape[1], P * r), np.float32)
+    B = np.zeros((lin.out_features, P * r), np.float32)
     for p, part in enumerate(lora.parts):
         B[part.offset:part.offset + part.size, p * r:(p + 1) * r] = b[p].T
     return A, B
@@ -146,7 +146,7 @@ def load_peft(model: nnx.Module, path) -> nnx.Module:
         if set(ab) != {"A", "B"}:
             raise PeftFileError(f"{weights}: module {name} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
         A, B = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
-        d_in, d_out = layers[name].kernel.shape
+        d_in, d_out = layers[name].in_features, layers[name].out_features
         R = A.shape[0]
         if A.shape != (R, d_in) or B.shape != (d_out, R):
             raise PeftFileError(f"{weights}: module {name} has lora_A {A.shape} and lora_B {B.shape}, "

@@ -107,7 +107,7 @@ def target_parts(model) -> dict[str, tuple[str, Part]]:
     """Every target name -> (its layer's name, the part of that layer's output it updates)."""
     out = {}
     for name, lin in linear_layers(model).items():
-        out_features = lin.kernel.shape[1]
+        out_features = lin.out_features   # c_attn's kernel is (in, 3, D): parts index its flat columns
         out[name] = (name, Part(name, 0, out_features))
         if name.endswith("attn.c_attn"):
             third = out_features // 3
@@ -189,10 +189,11 @@ def lora_layers(model: nnx.Module) -> dict[str, Linear]:
 
 
 def _fold_delta(lin: Linear, sign: float) -> None:
-    kernel = lin.kernel[...].astype(jnp.float32)
+    shape = lin.kernel.shape
+    kernel = lin.kernel[...].astype(jnp.float32).reshape(shape[0], -1)
     for part, d in zip(lin.lora.parts, lin.lora.delta()):
         kernel = kernel.at[:, part.offset:part.offset + part.size].add(sign * d)
-    lin.kernel[...] = kernel.astype(lin.kernel.dtype)
+    lin.kernel[...] = kernel.reshape(shape).astype(lin.kernel.dtype)
 
 
 def merge(model: nnx.Module, unload: bool = False):

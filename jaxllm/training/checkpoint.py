@@ -63,8 +63,9 @@ class Checkpointer:
             # Written in the background: `save` is given host copies (the loop's), never the
             # device buffers the next train step donates and overwrites.
             enable_async_checkpointing=True, todelete_subdir=DELETED)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("model", "train", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()})
         self._writer = create and jax.process_index() == 0   # with several processes, process 0 deletes
         self._purge()
 
@@ -103,9 +104,10 @@ class Checkpointer:
             model_state = _placed_like(model_state, shardings)
         pure = nnx.to_pure_dict(model_state)
         target = jax.tree.map(_restore_target, pure)
+        target, fix = _earlier_layouts(target, self._stored_shapes(step, "model"))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(target)))["model"]
-        nnx.replace_by_pure_dict(model_state, restored)
+        nnx.replace_by_pure_dict(model_state, fix(restored))
         return model_state
 
     def restore_train(self, train_state: dict[str, Any], step: int | None = None,
@@ -116,8 +118,17 @@ class Checkpointer:
         if shardings is not None:
             train_state = _placed_like(train_state, shardings)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore(target)))["train"]
+        target, fix = _earlier_layouts(target, self._stored_shapes(step, "train"))
+        return fix(self.manager.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore(target)))["train"])
+
+    def _stored_shapes(self, step: int, item: str) -> dict[str, tuple]:
+        """Shape of every array of `item` as checkpoint `step` stores it, by dotted path."""
+        tree = self.manager.item_metadata(step)[item]
+        tree = getattr(tree, "tree", tree)
+        return {_dotted(path): tuple(leaf.shape) for path, leaf in
+                jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+                if hasattr(leaf, "shape")}
 
     def _resolve(self, step: int | None) -> int:
         if step is None:
@@ -141,6 +152,51 @@ class Checkpointer:
         if self._writer and deleted.is_dir():
             for path in deleted.iterdir():
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# Arrays whose layout changed, by the suffix of their path: a checkpoint written before the change
+# stores the old shape, read as it is and reshaped (same values, same order). c_attn went from
+# (D, 3D) to (D, 3, D) so that tensor parallelism splits it by heads (jaxllm.model.Linear).
+_RESHAPED = ("attn.c_attn.kernel", "attn.c_attn.bias")
+
+
+def _dotted(path) -> str:
+    """A key path as "opt_state.1.0.mu.h.0.attn.c_attn.kernel" (a Variable's `.value` dropped: stored
+    trees have none)."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def _earlier_layouts(target, stored: dict[str, tuple]):
+    """(target, fix): `target` with each array stored in an earlier layout (`_RESHAPED`) asked for in
+    its stored shape, and fix(restored) reshaping those back into the target's shape and placement."""
+    changed = {}
+
+    def ask(path, want):
+        name = _dotted(path)
+        have = stored.get(name)
+        if (have is None or have == tuple(want.shape) or not name.endswith(_RESHAPED)
+                or int(np.prod(have)) != int(np.prod(want.shape))):
+            return want
+        changed[name] = want
+        sharding = want.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):   # the old shape: whole on each device
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(have, want.dtype, sharding=sharding)
+
+    target = jax.tree_util.tree_map_with_path(ask, target)
+
+    def fix(restored):
+        if not changed:
+            return restored
+        def back(path, x):
+            want = changed.get(_dotted(path))
+            if want is None:
+                return x
+            x = x.reshape(want.shape)
+            return x if want.sharding is None else jax.device_put(x, want.sharding)
+        return jax.tree_util.tree_map_with_path(back, restored)
+    return target, fix
 
 
 def _placed_like(tree, shardings):
