@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
-from jaxllm.parallel import constrain_rows
+from jaxllm.parallel import constrain_heads, constrain_rows
 
 _INIT_STD = 0.02
 _MASK_VALUE = -1e30  # finite, so a fully-masked row (a padding query) gives no NaN
@@ -89,8 +89,8 @@ class KVCache:
     first real token. Slots not tied to a position (learned prefixes) go in with `append_kv`.
     """
 
-    k: tuple[jax.Array, ...]   # per layer (B*H, hd, S), compute dtype: the layout attention reads
-    v: tuple[jax.Array, ...]   # per layer (B*H, S, hd)
+    k: tuple[jax.Array, ...]   # per layer (B, H, hd, S), compute dtype: the layout attention reads
+    v: tuple[jax.Array, ...]   # per layer (B, H, S, hd)
     valid: jax.Array           # (B, S) bool
     length: jax.Array          # int32 scalar: slots [0, length) are written
     next_pos: jax.Array        # (B,) int32
@@ -102,8 +102,8 @@ class KVCache:
         if max_len <= 0 or batch_size <= 0:
             raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
         B, S, H, hd = batch_size, max_len, cfg.n_head, cfg.head_dim
-        k = tuple(jnp.zeros((B * H, hd, S), cfg.compute_dtype) for _ in range(cfg.n_layer))
-        v = tuple(jnp.zeros((B * H, S, hd), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        k = tuple(jnp.zeros((B, H, hd, S), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        v = tuple(jnp.zeros((B, H, S, hd), cfg.compute_dtype) for _ in range(cfg.n_layer))
         return cls(k=k, v=v, valid=jnp.zeros((B, S), bool),
                    length=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch_size,), jnp.int32))
 
@@ -116,7 +116,7 @@ class KVCache:
         attends to, without advancing positions: the hook for prefix tuning's learned prefixes."""
         k_LBnHd, v_LBnHd = jnp.asarray(k_LBnHd), jnp.asarray(v_LBnHd)
         L, (B, S) = len(self.k), self.valid.shape
-        H, hd = self.k[0].shape[0] // B, self.k[0].shape[1]
+        H, hd = self.k[0].shape[1], self.k[0].shape[2]
         if k_LBnHd.ndim != 5 or k_LBnHd.shape != v_LBnHd.shape or k_LBnHd.shape[0] != L \
                 or k_LBnHd.shape[1] not in (1, B) or k_LBnHd.shape[3:] != (H, hd):
             raise ValueError(f"append_kv needs k and v of shape (n_layer={L}, {B} or 1, n, {H}, {hd}), "
@@ -127,12 +127,12 @@ class KVCache:
 
         def put(cache, new_BnHd, perm, at):
             new = jnp.broadcast_to(new_BnHd, (B, n, H, hd)).transpose(perm)
-            return jax.lax.dynamic_update_slice(cache, new.reshape(B * H, *new.shape[2:]).astype(cache.dtype), at)
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
 
         start = self.length
         return dataclasses.replace(
-            self, k=tuple(put(c, x, (0, 2, 3, 1), (0, 0, start)) for c, x in zip(self.k, k_LBnHd)),
-            v=tuple(put(c, x, (0, 2, 1, 3), (0, start, 0)) for c, x in zip(self.v, v_LBnHd)),
+            self, k=tuple(put(c, x, (0, 2, 3, 1), (0, 0, 0, start)) for c, x in zip(self.k, k_LBnHd)),
+            v=tuple(put(c, x, (0, 2, 1, 3), (0, 0, start, 0)) for c, x in zip(self.v, v_LBnHd)),
             valid=jax.lax.dynamic_update_slice(self.valid, jnp.ones((B, n), bool), (0, start)),
             length=start + n)
 
@@ -215,9 +215,9 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_ND: jax.Array, B: int, T: int, mask_BTT: jax.Array,
                  dropout_key: jax.Array | None = None, kv=None):
         """Without `kv`: keys are this call's T tokens, returns y (B*T, D). With
-        `kv=(k_NdS, v_NSd, start, gate)` (N = B*H): this call's keys/values are written into the
+        `kv=(k_BHdS, v_BHSd, start, gate)`: this call's keys/values are written into the
         cache at slots [start, start+T), queries attend over all S slots (`mask_BTT` is then
-        (B, T, S)), and it returns (y, (k_NdS, v_NSd)). `gate` is None, or (n, gate_H) for a gated
+        (B, T, S)), and it returns (y, (k_BHdS, v_BHSd)). `gate` is None, or (n, gate_H) for a gated
         prefix in slots [0, n) (see `_attention_probs`)."""
         H, hd = self.n_head, self.head_dim
         qkv = self.c_attn(x_ND, _fold(dropout_key, 2)).reshape(B, T, 3, H, hd)   # from (B*T, 3, D)
@@ -240,24 +240,23 @@ class CausalSelfAttention(nnx.Module):
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1))
 
     def _attend_cached(self, q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTS, dropout_key, kv):
-        # The cache is stored in the layouts the two matmuls read, batch and heads merged: K as
-        # (B*H, hd, S), V as (B*H, S, hd). Any other layout (or a reshape between cache and
-        # matmul) makes XLA:CPU copy or transpose the whole cache every step. For the same reason
-        # the matmuls read the cache after this call's slots are written into it.
-        H, hd = self.n_head, self.head_dim
+        # The cache is stored in the layouts the two matmuls read, batch and heads leading: K as
+        # (B, H, hd, S), V as (B, H, S, hd). Any other order of the last two axes (or a transpose
+        # between cache and matmul) makes XLA:CPU copy or transpose the whole cache every step;
+        # for the same reason the matmuls read the cache after this call's slots are written into
+        # it. B and H as separate axes let a mesh split rows over data and heads over tensor.
         k_cache, v_cache, start, gate = kv
-        k_new = k_BTHd.transpose(0, 2, 3, 1).reshape(B * H, hd, T).astype(k_cache.dtype)
-        v_new = v_BTHd.transpose(0, 2, 1, 3).reshape(B * H, T, hd).astype(v_cache.dtype)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, start))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, start, 0))
-        q_NTd = q_BTHd.transpose(0, 2, 1, 3).reshape(B * H, T, hd)
-        scores_NTS = jnp.einsum("ntd,nds->nts", q_NTd, k_cache.astype(self.dtype)) / math.sqrt(hd)
-        scores_BHTS = scores_NTS.reshape(B, H, T, -1)
+        k_new = constrain_heads(k_BTHd.transpose(0, 2, 3, 1).astype(k_cache.dtype))   # (B, H, hd, T)
+        v_new = constrain_heads(v_BTHd.transpose(0, 2, 1, 3).astype(v_cache.dtype))   # (B, H, T, hd)
+        k_cache = constrain_heads(jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, start)))
+        v_cache = constrain_heads(jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, start, 0)))
+        q_BHTd = q_BTHd.transpose(0, 2, 1, 3)
+        scores_BHTS = jnp.einsum("bhtd,bhds->bhts", q_BHTd, k_cache.astype(self.dtype)) / math.sqrt(self.head_dim)
         scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _MASK_VALUE)
         probs_BHTS = _attention_probs(scores_BHTS, gate).astype(self.dtype)
         probs_BHTS = dropout(probs_BHTS, self.dropout_rate, _fold(dropout_key, 0))
-        y_NTd = jnp.einsum("nts,nsd->ntd", probs_BHTS.reshape(B * H, T, -1), v_cache.astype(self.dtype))
-        y_ND = self.c_proj(y_NTd.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd),
+        y_BHTd = jnp.einsum("bhts,bhsd->bhtd", probs_BHTS, v_cache.astype(self.dtype))
+        y_ND = self.c_proj(y_BHTd.transpose(0, 2, 1, 3).reshape(B * T, self.n_head * self.head_dim),
                            _fold(dropout_key, 3))
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1)), (k_cache, v_cache)
 

@@ -403,11 +403,27 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
+def constrain_heads(x: jax.Array) -> jax.Array:
+    """The KV cache's hint on a named mesh: (B, H, ...) with rows split over data x fsdp and heads
+    over tensor, as c_attn's per-head split computes them, so each device keeps only its rows'
+    share of the heads in its cache. Off a mesh, or where a split does not divide: unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+        return x
+    rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    heads = mesh.shape["tensor"]
+    spec = (BATCH_AXES if rows > 1 and x.shape[0] % rows == 0 else None,
+            "tensor" if heads > 1 and x.shape[1] % heads == 0 else None)
+    if spec == (None, None):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
 def shard_model(model, mesh: Mesh, rules=None):
     """Place an nnx model's state on `mesh` by the partition rules (in place; returns `model`), e.g.
     to decode with `jaxllm.generate` over tensor-parallel weights: GSPMD then splits the matmuls and
-    `generate` splits the prompt rows over data x fsdp. The KV cache, laid out (B*H, hd, S) with batch
-    and heads merged, splits over data only: each tensor device holds its rows' whole cache."""
+    `generate` splits the prompt rows over data x fsdp. The KV cache, (B, H, ...), splits its rows
+    over data x fsdp and its heads over tensor (`constrain_heads`)."""
     from flax import nnx
     state = nnx.state(model)
     nnx.update(model, place(state, state_shardings(state, mesh, rules)))

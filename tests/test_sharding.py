@@ -355,6 +355,36 @@ def test_greedy_generation_with_weights_split_over_tensor_and_rows_over_data_mat
     assert model.h[0].attn.c_attn.kernel[...].sharding.spec == P(None, None, "tensor")  # left as placed
 
 
+def test_the_kv_cache_splits_rows_over_data_and_heads_over_tensor_and_decodes_like_one_device():
+    """(B, H, hd, S) keys and (B, H, S, hd) values: on tensor:4,data:2 each device holds an eighth
+    of the cache (its rows' share of the heads); the cached logits equal one device's."""
+    cfg = TINY.replace(block_size=32)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 6)).astype(np.int32)
+    graphdef, state = nnx.split(model)
+
+    def prefill_and_step(state, tokens):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m(tokens, cache=m.init_cache(tokens.shape[0], 16))
+        step_logits, cache = m(tokens[:, -1:], cache=cache)
+        return logits, step_logits, cache
+
+    want = jax.jit(prefill_and_step)(state, tokens)
+    mesh = parallel.make_mesh("tensor:4,data:2")
+    sharded = parallel.place(state, parallel.state_shardings(state, mesh))
+    with parallel.on_mesh(mesh):
+        got = jax.jit(prefill_and_step)(sharded, parallel.shard_batch(tokens, mesh, 0))
+    cache = got[2]
+    for k, v in zip(cache.k, cache.v):
+        assert k.shape == (4, cfg.n_head, cfg.head_dim, 16) and v.shape == (4, cfg.n_head, 16, cfg.head_dim)
+        want_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+        assert k.sharding.is_equivalent_to(want_sharding, 4) and v.sharding.is_equivalent_to(want_sharding, 4)
+        per_device = parallel.bytes_per_device(k)
+        assert len(per_device) == 8 and max(per_device.values()) == k.nbytes // 8
+    for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
 def test_tensor_parallel_step_needs_only_all_reduces_with_per_head_qkv():
     """c_attn is (D, 3, D), split by heads over tensor: every device holds whole heads of q, k and
     v, so attention runs locally and a tensor-parallel step needs only the all-reduces after
