@@ -1,13 +1,24 @@
-"""`jaxllm <command>`: prepare | pretrain | lora | sft | reward | dpo | ppo | grpo | sample | export-hf | rag."""
+"""`jaxllm <command>`: prepare | pretrain | lora | sft | reward | dpo | ppo | grpo | sample | export-hf | rag.
+
+A training command runs as one process of a multi-process run when JAX_COORDINATOR_ADDRESS is set
+(host:port of process 0, with JAX_NUM_PROCESSES and JAX_PROCESS_ID): it joins the others through
+`jaxllm.parallel.initialize()` before JAX starts, train.mesh then spans every process's devices, and
+only process 0 prints to stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 # OSError: what the system says of a path given (too long a name, a file where a folder goes, ...)
 USER_ERRORS = (ValueError, OSError, KeyError)
 STAGES = ("pretrain", "lora", "sft", "reward", "dpo")   # commands that take a YAML file and key=value settings
+# Commands that may span several processes; the others (sample, prepare, ...) run alone whatever the
+# environment says: joining a run would wait for processes that never come.
+TRAINING = (*STAGES, "ppo", "grpo")
 
 
 def _cmd_prepare(args) -> None:
@@ -353,9 +364,22 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm.training.loop import NonFiniteLossError
 
     parallel.setup_cpu()  # one JAX device per core, before JAX starts (see jaxllm/parallel.py)
+    quiet = False
+    if args.command in TRAINING and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        try:   # before any JAX computation, as jax.distributed requires
+            parallel.initialize()
+        except (ValueError, RuntimeError) as e:
+            print(f"jaxllm {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        # the processes report the same numbers: process 0 prints them (errors, on stderr, still
+        # come from every process)
+        quiet = not parallel.is_main_process()
 
     try:
-        args.func(args)
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            args.func(args)
     except (*USER_ERRORS, NonFiniteLossError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"jaxllm {args.command}: error: {msg}", file=sys.stderr)

@@ -137,19 +137,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(batch, mesh: Mesh, batch_axis: int):
+def shard_batch(batch, mesh: Mesh, batch_axis: int, global_rows: int | None = None):
     """Place a batch on the mesh: leaves whose `batch_axis` splits evenly over the batch's devices
     (see `batch_sharding`) are split along it, others (per-batch scalars, flags) are replicated.
 
-    On a mesh spanning processes every process passes the same global batch (a pure function of
-    (seed, step)) and only its own rows are sent to its devices (`process_rows`)."""
+    On a mesh spanning processes every process passes either the same whole global batch (a pure
+    function of (seed, step)), of which only its own rows are sent to its devices (`process_rows`),
+    or, with `global_rows` (the row count of the whole batch), only its own rows: those that
+    `process_batch_rows(mesh, global_rows)` names, in that order. Then a leaf whose `batch_axis`
+    has that many rows is split, the others are replicated (and must be equal in every process)."""
     rows = batch_sharding(mesh, batch_axis)
     rep = replicated(mesh)
     n = batch_devices(mesh)
     multi = jax.process_count() > 1
+    local = None if global_rows is None else row_count(process_batch_rows(mesh, global_rows), global_rows)
 
     def place(leaf):
         shape = np.shape(leaf)
+        if local is not None:
+            if len(shape) > batch_axis and shape[batch_axis] == local:
+                global_shape = shape[:batch_axis] + (global_rows,) + shape[batch_axis + 1:]
+                return jax.make_array_from_process_local_data(rows, np.asarray(leaf), global_shape)
+            return process_rows(leaf, rep, None)
         split = len(shape) > batch_axis and shape[batch_axis] % n == 0
         if multi:
             return process_rows(leaf, rows if split else rep, batch_axis if split else None)
@@ -164,10 +173,8 @@ def process_rows(global_leaf, sharding: NamedSharding, batch_axis: int | None) -
     None: the leaf is replicated, every process gives all of it."""
     leaf = np.asarray(global_leaf)
     if batch_axis is not None:
-        spans = [index[batch_axis] for index in sharding.addressable_devices_indices_map(leaf.shape).values()]
-        start = min(s.start or 0 for s in spans)
-        stop = max(leaf.shape[batch_axis] if s.stop is None else s.stop for s in spans)
-        leaf = leaf[(slice(None),) * batch_axis + (slice(start, stop),)]
+        mine = _rows_of_devices(sharding, leaf.shape, batch_axis, sharding.addressable_devices)
+        leaf = leaf[(slice(None),) * batch_axis + (mine,)]
     return jax.make_array_from_process_local_data(sharding, leaf, np.shape(global_leaf))
 
 
@@ -557,3 +564,35 @@ def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------ each process builds its own rows
+
+def process_batch_rows(mesh: Mesh, global_rows: int, batch_axis: int = 0):
+    """The rows of a `global_rows`-row batch that this process's devices hold on `mesh` (rows split
+    over data x fsdp, see `batch_sharding`): a slice when they are one run of rows (the usual case:
+    jax.devices() lists each process's devices together), else a sorted index array. A batch
+    function given them builds only these rows, in this order; `shard_batch(..., global_rows=)`
+    then assembles the global batch (`jax.make_array_from_process_local_data` expects a process's
+    blocks of rows concatenated in order). One process: every row, slice(0, global_rows)."""
+    sharding = batch_sharding(mesh, batch_axis)
+    shape = (1,) * batch_axis + (global_rows,)
+    return _rows_of_devices(sharding, shape, batch_axis, sharding.addressable_devices)
+
+
+def _rows_of_devices(sharding: NamedSharding, shape, batch_axis: int, devices):
+    """The rows along `batch_axis` of an array of `shape` under `sharding` that `devices` hold,
+    as in `process_batch_rows`. Devices that hold the same rows (tensor replicas) count once."""
+    index_map = sharding.devices_indices_map(tuple(shape))
+    size = shape[batch_axis]
+    blocks = sorted({index_map[d][batch_axis].indices(size)[:2] for d in devices})
+    if not blocks:
+        raise ValueError(f"none of the devices {list(devices)} is on the mesh of {sharding}")
+    if all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])):
+        return slice(blocks[0][0], blocks[-1][1])
+    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+
+
+def row_count(rows, global_rows: int) -> int:
+    """How many rows `rows` (a slice or an index array of a `global_rows`-row batch) selects."""
+    return len(range(*rows.indices(global_rows))) if isinstance(rows, slice) else len(rows)

@@ -1,6 +1,10 @@
 """One process of tests/test_multihost.py (not a test itself): joins a two-process JAX run on
 localhost, trains a tiny GPT for three steps on a mesh over both processes' devices, and prints
-its losses; `train_tiny` is also the one-process reference."""
+its losses; `train_tiny` is also the one-process reference.
+
+`multihost_worker.py cli ARGVS_JSON` instead runs `jaxllm` (jaxllm.cli.main) once per argument list
+in ARGVS_JSON, as a user's launcher would: the process joins the run through the JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables that the CLI reads."""
 
 import json
 import sys
@@ -41,7 +45,18 @@ def flat_params(model) -> dict:
     return {_path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 
-if __name__ == "__main__":
+def run_cli(argvs) -> int:
+    from jaxllm.cli import main
+    for argv in argvs:
+        rc = main(argv)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1] == "cli":
+    sys.exit(run_cli(json.loads(sys.argv[2])))
+elif __name__ == "__main__":
     port, process_id, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     from jaxllm import parallel
     parallel.initialize(f"localhost:{port}", 2, process_id, timeout_s=60)

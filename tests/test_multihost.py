@@ -1,6 +1,8 @@
 """Several processes (jax.distributed on localhost): a mesh spanning two processes trains like one
-process with the same devices, and writes a checkpoint that one process restores; a coordinator
-that cannot be reached is a clear error after the timeout, not a hang."""
+process with the same devices, and writes a checkpoint that one process restores; `jaxllm pretrain`
+launched as two processes (each building only its own rows of every batch) gives one process's
+losses and evaluations, writes its run directory once, and resumes exactly; a coordinator that
+cannot be reached is a clear error after the timeout, not a hang."""
 
 import importlib.util
 import json
@@ -111,3 +113,104 @@ def test_bad_process_settings_are_refused_naming_them(monkeypatch):
         parallel.initialize("localhost:1234", process_id=0)
     with pytest.raises(ValueError, match=r"process_id \(JAX_PROCESS_ID\) is 2 but there are 2 processes"):
         parallel.initialize("localhost:1234", num_processes=2, process_id=2)
+
+
+# `jaxllm pretrain` itself across two processes: the settings both the two-process run and its
+# one-process reference use (with train.mesh over 8 devices in both), on a tiny prepared corpus.
+PRETRAIN = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=16", "model.dropout=0.1",
+            "train.batch_size=8", "train.mesh=data:2,fsdp:4", "train.eval_interval=2", "train.ckpt_interval=2",
+            "train.log_interval=1", "train.progress=false", "train.peak_flops=1e11", "data.eval_batch_size=8",
+            "optim.warmup_iters=2", "optim.lr_decay_iters=6", "sample.max_new_tokens=8"]
+
+
+def _tiny_corpus(tmp_path):
+    from jaxllm.data import prepare
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "queen", "of", "a", "castle", "rode", "to", "sea", "in", "night"]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(150)))
+    return prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="char")
+
+
+def _launch(argvs, port, timeout=240) -> list[str]:
+    """Two processes of `jaxllm` (tests/multihost_worker.py cli), 4 CPU devices each, joined through
+    the environment variables the CLI reads; their outputs, once both exit 0."""
+    procs = []
+    for i in range(2):
+        env = _worker_env(4)
+        # JAX_NUM_CPU_DEVICES, as DESIGN.md advises for CPU collectives (the flag the CLI's
+        # setup_cpu adds then counts for nothing: jax's own setting wins)
+        env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        env.update(JAX_NUM_CPU_DEVICES="4", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), "cli", json.dumps(argvs)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+def _params(run_dir, step):
+    from jaxllm.runs import load_checkpoint
+    return worker.flat_params(load_checkpoint(run_dir, step)[0])
+
+
+@pytest.mark.skipif(len(jax.devices()) != 8, reason="tests/conftest.py forces 8 CPU devices")
+def test_jaxllm_pretrain_across_two_processes_matches_one_process_writes_once_and_resumes_exactly(tmp_path):
+    from jaxllm.configfile import load_config
+    from jaxllm.data import TokenDataset
+    from jaxllm.stages.pretrain import PretrainConfig, run_pretrain
+    from jaxllm.tokenizer import load_tokenizer
+    from jaxllm.training.checkpoint import Checkpointer
+    from jaxllm.training.metrics import read_metrics
+
+    ds = _tiny_corpus(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = PRETRAIN + [f"data.dataset_dir={ds}"]
+    # 4 steps; then new processes resume to 6, naming only the run, the new length and no end sample
+    # (the rest is the run's own settings)
+    first = _launch([["pretrain", *common, f"train.out_dir={two}", "train.max_iters=4"]], _free_port())
+    assert Checkpointer(two, create=False).all_steps() == [2, 4]
+    then = _launch([["pretrain", "--resume", f"train.out_dir={two}", "train.max_iters=6", "sample.max_new_tokens=0"]],
+                   _free_port())
+    outputs = [a + b for a, b in zip(first, then)]
+    # the reference: one process, the same 8-device mesh, 6 steps without a stop
+    run_pretrain(load_config(PretrainConfig, None, common + [f"train.out_dir={one}", "train.max_iters=6"]))
+
+    # each process built only its half of every batch (the sampler's rows), in both launches
+    assert outputs[0].count("mesh data:2, fsdp:4, tensor:1 over 8 devices of 2 processes; each builds only its "
+                            "own rows of the batch (process 0: 4 of 8)") == 2, outputs[0][-3000:]
+    # only process 0 prints (the other's stdout is quiet), the first launch's sample among it
+    assert "finished 6 steps" in outputs[0] and outputs[0].count("--- sample ---") == 1
+    assert not any(s in outputs[1] for s in ("MFU is measured", "model:", "finished", "sample"))
+
+    got, want = read_metrics(two), read_metrics(one)   # each line parses: no interleaved writes
+    def curve(records, key):
+        steps = [r["step"] for r in records if key in r]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
+        return {r["step"]: r[key] for r in records if key in r}
+    print("two processes:", curve(got, "loss"), curve(got, "val_loss"))
+    print("one process:  ", curve(want, "loss"), curve(want, "val_loss"))
+    assert list(curve(got, "loss")) == [1, 2, 3, 4, 5, 6] and list(curve(got, "val_loss")) == [2, 4, 6]
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(list(curve(got, key).values()), list(curve(want, key).values()), rtol=1e-5)
+
+    # the run directory holds what one process writes: one TensorBoard file per launch, no leftovers
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "metrics.jsonl", "tensorboard", "tokenizer"]
+    assert len(list((two / "tensorboard").iterdir())) == 2
+    assert load_tokenizer(two / "tokenizer").encode("the king") == TokenDataset(ds).tokenizer.encode("the king")
+    assert Checkpointer(two, create=False).all_steps() == [2, 4, 6]
+    # the checkpoints the two processes wrote together restore in this one process
+    for step in (4, 6):
+        a, b = _params(two, step), _params(one, step)
+        assert set(a) == set(b)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} at step {step}")

@@ -77,12 +77,16 @@ def both_sides(batch: PairBatch):
 
 
 def rows_batch_fn(data: PairBatch, seed: int, batch_size: int, accum: int):
-    """batch_fn(step): pairs drawn with a generator seeded by (seed, step): resume needs no state."""
+    """batch_fn(step, rows=None): pairs drawn with a generator seeded by (seed, step): resume needs
+    no state. `rows` (of each micro-batch's batch_size pairs) gathers only those, equal to the same
+    rows of the whole batch (see jaxllm.training.loop.train_loop)."""
     n = data.weight.shape[0]
 
-    def batch_fn(step):
-        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum)
-        return jax.tree.map(lambda a: a[idx].reshape(accum, batch_size, *a.shape[1:]), data)
+    def batch_fn(step, rows=None):
+        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum).reshape(accum, batch_size)
+        if rows is not None:   # every draw is made, so pair i is the same whoever asks for it
+            idx = idx[:, rows]
+        return jax.tree.map(lambda a: a[idx], data)
     return batch_fn
 
 

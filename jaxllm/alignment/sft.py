@@ -135,13 +135,17 @@ def _model_and_tokenizer(config: SFTConfig):
     return GPT(cfg, rngs=nnx.Rngs(config.train.seed)), cfg, tok
 
 
-def _rows_batch_fn(rows: Rows, seed: int, batch_size: int, accum: int):
-    """batch_fn(step): rows drawn with a generator seeded by (seed, step): resume needs no state."""
-    n = rows.tokens.shape[0]
+def _rows_batch_fn(data: Rows, seed: int, batch_size: int, accum: int):
+    """batch_fn(step, rows=None): rows drawn with a generator seeded by (seed, step): resume needs
+    no state. `rows` (of each micro-batch's batch_size rows) gathers only those, equal to the same
+    rows of the whole batch (see jaxllm.training.loop.train_loop)."""
+    n = data.tokens.shape[0]
 
-    def batch_fn(step):
-        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum)
-        return Rows(*(a[idx].reshape(accum, batch_size, -1) for a in rows))
+    def batch_fn(step, rows=None):
+        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum).reshape(accum, batch_size)
+        if rows is not None:   # every draw is made, so row i is the same whoever asks for it
+            idx = idx[:, rows]
+        return Rows(*(a[idx] for a in data))
     return batch_fn
 
 

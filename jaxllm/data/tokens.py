@@ -198,14 +198,21 @@ class TokenDataset:
         for name in SPLITS:
             self._check_split(name, block_size)
 
-    def sample_batch(self, split: str, seed: int, step: int, batch_size: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample_batch(self, split: str, seed: int, step: int, batch_size: int, block_size: int,
+                     rows=None) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) int32 of shape (batch_size, block_size), y = x shifted by one token.
 
         A pure function of (seed, step): windows start uniformly in [0, len - block_size - 1].
+        `rows` (a slice or an integer index array into the batch_size rows) builds only those rows,
+        equal to the same rows of the whole batch: each process of a multi-process run reads just
+        the windows its devices train on.
         """
         tokens = self._check_split(split, block_size)
         rng = np.random.default_rng([seed, step, _SPLIT_CODE[split]])
+        # every start is drawn, whatever `rows` keeps, so that row i is the same in every process
         starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+        if rows is not None:
+            starts = starts[rows]
         # One gather of block_size + 1 tokens per row; the memmap reads only those pages.
         windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])

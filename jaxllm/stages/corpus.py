@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+import numpy as np
+
 from jaxllm.data import TokenDataset, prepare
 from jaxllm.losses import IGNORE_INDEX
 from jaxllm.data.sources import SHAKESPEARE, describe_source
@@ -63,7 +65,29 @@ def load_or_prepare(data: DataConfig, tokenizer: str | None = None) -> TokenData
 
     An explicit data.dataset_dir that exists is used as it is, after checking that every data.* key
     that is set matches how it was prepared (an error names the keys that differ). The default
-    cache directory is prepared again when its settings differ from the request."""
+    cache directory is prepared again when its settings differ from the request.
+
+    With several processes (jax.distributed), process 0 prepares a missing dataset alone and the
+    others then find it: preparing into one directory at once, they would race for its name. (A
+    process whose host does not share process 0's filesystem prepares its own copy after that.)"""
+    import jax
+
+    from jaxllm import parallel
+    if jax.process_count() == 1:
+        return _load_or_prepare(data, tokenizer)
+    ds = error = None
+    if parallel.is_main_process():
+        try:
+            ds = _load_or_prepare(data, tokenizer)
+        except Exception as e:   # raised after the sync: the others, not left waiting, meet it too
+            error = e
+    parallel.sync("jaxllm-prepare-dataset")
+    if error is not None:
+        raise error
+    return ds if ds is not None else _load_or_prepare(data, tokenizer)
+
+
+def _load_or_prepare(data: DataConfig, tokenizer: str | None) -> TokenDataset:
     tokenizer = tokenizer if tokenizer is not None else data.tokenizer
     asked = _requested(data, tokenizer)
     full = {**PREPARE_DEFAULTS, **asked}
@@ -108,13 +132,16 @@ def make_val_evaluator(ds: TokenDataset, block_size: int, batch_size: int, max_b
 
 
 def corpus_batches(ds: TokenDataset, loop: LoopConfig, T: int):
-    """batch_fn(step) for a next-token stage: a pure function of (seed, step) with the
-    gradient-accumulation axis in front."""
+    """batch_fn(step, rows=None) for a next-token stage: a pure function of (seed, step) with the
+    gradient-accumulation axis in front; `rows` (of the B rows of each micro-batch) builds only
+    those, as the same rows of the whole batch (see jaxllm.training.loop.train_loop)."""
     B, A = loop.batch_size, loop.grad_accum
 
-    def batch_fn(step):
-        x, y = ds.sample_batch("train", loop.seed, step, B * A, T)
-        return x.reshape(A, B, T), y.reshape(A, B, T)
+    def batch_fn(step, rows=None):
+        # micro-batch a holds rows a*B .. a*B + B - 1 of the sampled B*A
+        which = None if rows is None else np.arange(A * B).reshape(A, B)[:, rows].ravel()
+        x, y = ds.sample_batch("train", loop.seed, step, B * A, T, rows=which)
+        return x.reshape(A, -1, T), y.reshape(A, -1, T)
 
     return batch_fn
 

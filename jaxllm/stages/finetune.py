@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from jaxllm import parallel
 from jaxllm.configfile import to_dict
 from jaxllm.fileio import new_dir
 from jaxllm.interop.peft_files import write_peft_files
@@ -92,6 +93,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     adapter_dir = None
     if peft_meta:
         # absolute: new_dir expands a leading "~", which the run's checkpoints beside it do not
-        adapter_dir = save_adapter_dir(result.model, pathlib.Path(loop.out_dir).absolute() / ADAPTER,
-                                       meta["base"]["path"])
+        adapter_dir = pathlib.Path(loop.out_dir).absolute() / ADAPTER
+        if parallel.is_main_process():   # every process holds the whole model; one writes the run
+            save_adapter_dir(result.model, adapter_dir, meta["base"]["path"])
+        parallel.sync("jaxllm-adapter-written")   # no process reports a folder still being written
     return FinetuneResult(result, before, val, report, adapter_dir, sample_text(result.model, ds.tokenizer, config.sample))

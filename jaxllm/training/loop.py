@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import signal
 import threading
 import time
@@ -109,7 +110,11 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     latest weights in memory (a non-finite update is never applied) before the error propagates.
 
     batch_fn(step) returns the batch for that step with a leading (grad_accum,) axis and rows on
-    axis 1. `pad_values` (a pytree of scalars shaped like a batch) fills extra rows that weigh
+    axis 1. A batch function that also takes `rows` (batch_fn(step, rows=...), a slice or an index
+    array into the loop.batch_size rows, from `parallel.process_batch_rows`) is asked, when the run
+    spans several processes, for only the rows this process's devices hold, which must equal those
+    rows of the whole batch; one without it builds the whole batch in every process.
+    `pad_values` (a pytree of scalars shaped like a batch) fills extra rows that weigh
     nothing in `loss_fn`; with it, data parallelism may use every device whatever the batch size.
     make_eval(graphdef, mesh) returns evaluate(state) -> {"val_loss": ...}; `mesh` is the
     mesh the state lives on (None on one device): data-parallel, or with `loop.mesh` the named
@@ -146,6 +151,11 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         mesh = parallel.data_mesh(loop.batch_size, loop.devices, trainable_params=count_params(model, trainable),
                                   can_pad=pad_values is not None)
     rows = parallel.padded_rows(loop.batch_size, mesh)
+    # Several processes: a batch function that takes `rows` builds only this process's rows of the
+    # global batch (one process keeps building it whole, as it always has); one that does not
+    # builds it whole in every process, of which each keeps its own rows.
+    my_rows = (parallel.process_batch_rows(mesh, rows) if jax.process_count() > 1 and rows == loop.batch_size
+               and batch_fn is not None and takes_rows(batch_fn) else None)
     ckpt = _prepare_run_dir(loop)
     start = 0
     if loop.resume and ckpt.latest_step() is not None:
@@ -182,7 +192,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         if constants is not None:
             constants = parallel.place(constants, parallel.replicated(mesh))
         log(f"mesh {', '.join(f'{a}:{n}' for a, n in mesh.shape.items())} over {mesh.size} devices"
-            + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+            + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
+            + ("" if my_rows is None else f"; each builds only its own rows of the batch (process 0: "
+               f"{parallel.row_count(my_rows, rows)} of {rows})"))
     elif mesh is not None:  # placed once; the step's outputs keep this placement
         state = jax.device_put(state, parallel.replicated(mesh))
         if constants is not None:
@@ -212,6 +224,9 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
         if online is not None:
             batch, host_metrics = online(it, state)
             return (batch if mesh is None else parallel.shard_batch(batch, mesh, 2)), host_metrics
+        if my_rows is not None:
+            return parallel.shard_batch(_check_rows(batch_fn(it, rows=my_rows), my_rows, rows), mesh, 1,
+                                        global_rows=rows)
         batch = batch_fn(it)
         if rows != loop.batch_size:
             batch = parallel.pad_rows(batch, rows, pad_values, axis=1)
@@ -322,6 +337,26 @@ def train_loop(model: nnx.Module, loss_fn, batch_fn: Callable[[int], Any], *,
     train_seconds = time.perf_counter() - loop_start - eval_seconds - checkpoint_seconds
     return TrainResult(model, loop.max_iters, losses, evals, train_seconds, compile_seconds,
                        eval_seconds, checkpoint_seconds, peak, peak_source)
+
+
+def takes_rows(batch_fn) -> bool:
+    """Whether batch_fn(step, rows=...) can build part of a batch (see `train_loop`)."""
+    try:
+        params = inspect.signature(batch_fn).parameters
+    except (TypeError, ValueError):   # a builtin or C callable: no signature to read
+        return False
+    return "rows" in params   # named: a **kwargs that ignores it would hand back whole batches
+
+
+def _check_rows(batch, rows, global_rows: int):
+    """`batch`, once seen to hold the rows asked of its batch function on axis 1."""
+    want = parallel.row_count(rows, global_rows)
+    got = [np.shape(leaf)[1] if np.ndim(leaf) > 1 else None for leaf in jax.tree.leaves(batch)]
+    if want not in got:
+        raise ValueError(f"batch_fn(step, rows={rows}) returned batches with {got} rows on axis 1, not "
+                         f"the {want} rows asked for (of {global_rows}); a batch function that takes `rows` "
+                         f"must build just those rows of the whole batch")
+    return batch
 
 
 def _host_copy(tree):
