@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
-from jaxllm.parallel import constrain_heads, constrain_rows
+from jaxllm.parallel import constrain_heads, constrain_rows, splits_heads
 
 _INIT_STD = 0.02
 _MASK_VALUE = -1e30  # finite, so a fully-masked row (a padding query) gives no NaN
@@ -89,21 +89,30 @@ class KVCache:
     first real token. Slots not tied to a position (learned prefixes) go in with `append_kv`.
     """
 
-    k: tuple[jax.Array, ...]   # per layer (B, H, hd, S), compute dtype: the layout attention reads
-    v: tuple[jax.Array, ...]   # per layer (B, H, S, hd)
+    k: tuple[jax.Array, ...]   # per layer (B*H, hd, S), or (B, H, hd, S) with heads_axis: see `init`
+    v: tuple[jax.Array, ...]   # per layer (B*H, S, hd), or (B, H, S, hd)
     valid: jax.Array           # (B, S) bool
     length: jax.Array          # int32 scalar: slots [0, length) are written
     next_pos: jax.Array        # (B,) int32
 
     @classmethod
-    def init(cls, cfg: GPTConfig, batch_size: int, max_len: int) -> "KVCache":
+    def init(cls, cfg: GPTConfig, batch_size: int, max_len: int, heads_axis: bool | None = None) -> "KVCache":
         """An empty cache. For a model, prefer `model.init_cache(batch_size, max_len)`: with prefix
-        tuning it also puts the learned prefix in front, which an empty cache would leave out."""
+        tuning it also puts the learned prefix in front, which an empty cache would leave out.
+
+        Keys are stored as (B*H, hd, S) and values as (B*H, S, hd), batch and heads merged: the
+        layouts the two attention matmuls read. With `heads_axis` they are (B, H, hd, S) and
+        (B, H, S, hd), so that a mesh can split the rows over data and the heads over tensor; by
+        default only where that happens (traced on a named mesh with tensor > 1, see
+        `parallel.splits_heads`), because XLA:CPU reads a 4-D cache through a copy of the whole
+        cache every step (GPT-2, batch 8, 768 slots: 98 ms per decoded token instead of 34)."""
         if max_len <= 0 or batch_size <= 0:
             raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
         B, S, H, hd = batch_size, max_len, cfg.n_head, cfg.head_dim
-        k = tuple(jnp.zeros((B, H, hd, S), cfg.compute_dtype) for _ in range(cfg.n_layer))
-        v = tuple(jnp.zeros((B, H, S, hd), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        heads_axis = splits_heads() if heads_axis is None else heads_axis
+        lead = (B, H) if heads_axis else (B * H,)
+        k = tuple(jnp.zeros((*lead, hd, S), cfg.compute_dtype) for _ in range(cfg.n_layer))
+        v = tuple(jnp.zeros((*lead, S, hd), cfg.compute_dtype) for _ in range(cfg.n_layer))
         return cls(k=k, v=v, valid=jnp.zeros((B, S), bool),
                    length=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch_size,), jnp.int32))
 
@@ -116,7 +125,8 @@ class KVCache:
         attends to, without advancing positions: the hook for prefix tuning's learned prefixes."""
         k_LBnHd, v_LBnHd = jnp.asarray(k_LBnHd), jnp.asarray(v_LBnHd)
         L, (B, S) = len(self.k), self.valid.shape
-        H, hd = self.k[0].shape[1], self.k[0].shape[2]
+        k0 = self.k[0]   # (B*H, hd, S) or (B, H, hd, S)
+        H, hd = (k0.shape[0] // B if k0.ndim == 3 else k0.shape[1]), k0.shape[-2]
         if k_LBnHd.ndim != 5 or k_LBnHd.shape != v_LBnHd.shape or k_LBnHd.shape[0] != L \
                 or k_LBnHd.shape[1] not in (1, B) or k_LBnHd.shape[3:] != (H, hd):
             raise ValueError(f"append_kv needs k and v of shape (n_layer={L}, {B} or 1, n, {H}, {hd}), "
@@ -127,12 +137,14 @@ class KVCache:
 
         def put(cache, new_BnHd, perm, at):
             new = jnp.broadcast_to(new_BnHd, (B, n, H, hd)).transpose(perm)
+            new = new.reshape(cache.shape[:-2] + new.shape[2:])   # merges B and H for a 3-D cache
+            at = (0,) * (cache.ndim - 2) + at
             return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
 
         start = self.length
         return dataclasses.replace(
-            self, k=tuple(put(c, x, (0, 2, 3, 1), (0, 0, 0, start)) for c, x in zip(self.k, k_LBnHd)),
-            v=tuple(put(c, x, (0, 2, 1, 3), (0, 0, start, 0)) for c, x in zip(self.v, v_LBnHd)),
+            self, k=tuple(put(c, x, (0, 2, 3, 1), (0, start)) for c, x in zip(self.k, k_LBnHd)),
+            v=tuple(put(c, x, (0, 2, 1, 3), (start, 0)) for c, x in zip(self.v, v_LBnHd)),
             valid=jax.lax.dynamic_update_slice(self.valid, jnp.ones((B, n), bool), (0, start)),
             length=start + n)
 
@@ -240,23 +252,26 @@ class CausalSelfAttention(nnx.Module):
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1))
 
     def _attend_cached(self, q_BTHd, k_BTHd, v_BTHd, B, T, mask_BTS, dropout_key, kv):
-        # The cache is stored in the layouts the two matmuls read, batch and heads leading: K as
-        # (B, H, hd, S), V as (B, H, S, hd). Any other order of the last two axes (or a transpose
-        # between cache and matmul) makes XLA:CPU copy or transpose the whole cache every step;
-        # for the same reason the matmuls read the cache after this call's slots are written into
-        # it. B and H as separate axes let a mesh split rows over data and heads over tensor.
+        # The cache is stored in the layouts the two matmuls read (see KVCache.init): K as
+        # (B*H, hd, S) or (B, H, hd, S), V as (B*H, S, hd) or (B, H, S, hd). Any other order of
+        # the last two axes (or a transpose between cache and matmul) makes XLA:CPU copy or
+        # transpose the whole cache every step; for the same reason the matmuls read the cache
+        # after this call's slots are written into it.
+        H, hd = self.n_head, self.head_dim
         k_cache, v_cache, start, gate = kv
-        k_new = constrain_heads(k_BTHd.transpose(0, 2, 3, 1).astype(k_cache.dtype))   # (B, H, hd, T)
-        v_new = constrain_heads(v_BTHd.transpose(0, 2, 1, 3).astype(v_cache.dtype))   # (B, H, T, hd)
-        k_cache = constrain_heads(jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, start)))
-        v_cache = constrain_heads(jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, start, 0)))
-        q_BHTd = q_BTHd.transpose(0, 2, 1, 3)
-        scores_BHTS = jnp.einsum("bhtd,bhds->bhts", q_BHTd, k_cache.astype(self.dtype)) / math.sqrt(self.head_dim)
-        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), _MASK_VALUE)
+        lead = k_cache.shape[:-2]                     # (B*H,) or (B, H)
+        k_new = k_BTHd.transpose(0, 2, 3, 1).reshape(*lead, hd, T).astype(k_cache.dtype)
+        v_new = v_BTHd.transpose(0, 2, 1, 3).reshape(*lead, T, hd).astype(v_cache.dtype)
+        at = (0,) * len(lead)
+        k_cache = constrain_heads(jax.lax.dynamic_update_slice(k_cache, k_new, (*at, 0, start)))
+        v_cache = constrain_heads(jax.lax.dynamic_update_slice(v_cache, v_new, (*at, start, 0)))
+        q_Td = q_BTHd.transpose(0, 2, 1, 3).reshape(*lead, T, hd)
+        scores_TS = jnp.einsum("...td,...ds->...ts", q_Td, k_cache.astype(self.dtype)) / math.sqrt(hd)
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_TS.reshape(B, H, T, -1).astype(jnp.float32), _MASK_VALUE)
         probs_BHTS = _attention_probs(scores_BHTS, gate).astype(self.dtype)
         probs_BHTS = dropout(probs_BHTS, self.dropout_rate, _fold(dropout_key, 0))
-        y_BHTd = jnp.einsum("bhts,bhsd->bhtd", probs_BHTS, v_cache.astype(self.dtype))
-        y_ND = self.c_proj(y_BHTd.transpose(0, 2, 1, 3).reshape(B * T, self.n_head * self.head_dim),
+        y_Td = jnp.einsum("...ts,...sd->...td", probs_BHTS.reshape(*lead, T, -1), v_cache.astype(self.dtype))
+        y_ND = self.c_proj(y_Td.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd),
                            _fold(dropout_key, 3))
         return dropout(y_ND, self.dropout_rate, _fold(dropout_key, 1)), (k_cache, v_cache)
 
@@ -434,13 +449,14 @@ class GPT(nnx.Module):
         prefix = self.prefix
         return prefix if prefix is not None and prefix.enabled else None
 
-    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def init_cache(self, batch_size: int, max_len: int, heads_axis: bool | None = None) -> KVCache:
         """A cache for `batch_size` rows and `max_len` token slots (prompt + generated). With an
-        active prefix, its learned keys/values take n extra slots in front."""
+        active prefix, its learned keys/values take n extra slots in front. `heads_axis`: see
+        `KVCache.init`."""
         prefix = self._active_prefix()
         if prefix is None:
-            return KVCache.init(self.config, batch_size, max_len)
-        cache = KVCache.init(self.config, batch_size, max_len + prefix.n_tokens)
+            return KVCache.init(self.config, batch_size, max_len, heads_axis)
+        cache = KVCache.init(self.config, batch_size, max_len + prefix.n_tokens, heads_axis)
         return cache.append_kv(*prefix.kv(batch_size))
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:

@@ -410,12 +410,20 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
+def splits_heads() -> bool:
+    """Whether the computation being traced runs on a named mesh that splits heads (tensor > 1):
+    there the KV cache keeps a heads axis (`jaxllm.model.KVCache.init`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and tuple(mesh.axis_names) == MESH_AXES and mesh.shape["tensor"] > 1
+
+
 def constrain_heads(x: jax.Array) -> jax.Array:
     """The KV cache's hint on a named mesh: (B, H, ...) with rows split over data x fsdp and heads
     over tensor, as c_attn's per-head split computes them, so each device keeps only its rows'
-    share of the heads in its cache. Off a mesh, or where a split does not divide: unchanged."""
+    share of the heads in its cache. Off a mesh, for a cache without a heads axis (3-D), or where
+    a split does not divide: unchanged."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+    if x.ndim != 4 or mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
         return x
     rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
     heads = mesh.shape["tensor"]

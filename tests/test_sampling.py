@@ -62,28 +62,34 @@ def _prefill_then_decode(m, tokens, mask, cache, n_prefill):
     return np.concatenate(steps, axis=1), cache
 
 
-def test_cached_prefill_and_decode_logits_match_full_forward_at_every_step(model):
+# the cache's two layouts: batch and heads merged (B*H, ...), the default, or a heads axis (B, H, ...)
+# that a tensor-parallel mesh splits
+@pytest.mark.parametrize("heads_axis", [False, True])
+def test_cached_prefill_and_decode_logits_match_full_forward_at_every_step(model, heads_axis):
     # Row 1 is left-padded by 3: its positions must start at its first real token.
     tokens = random_tokens(0, (2, 14))
     mask = np.ones((2, 14), np.int32)
     mask[1, :3] = 0
-    cached, cache = _prefill_then_decode(model, tokens, mask, model.init_cache(2, 14), 6)
+    cache = model.init_cache(2, 14, heads_axis=heads_axis)
+    assert cache.k[0].ndim == (4 if heads_axis else 3)
+    cached, cache = _prefill_then_decode(model, tokens, mask, cache, 6)
     np.testing.assert_allclose(cached[0], _full_logits_of_row(model, tokens[0]), rtol=0, atol=1e-5)
     # logits at padding positions are meaningless either way
     np.testing.assert_allclose(cached[1, 3:], _full_logits_of_row(model, tokens[1, 3:]), rtol=0, atol=1e-5)
     assert int(cache.length) == 14 and cache.next_pos.tolist() == [14, 11]
 
 
-def test_prefix_kv_appended_to_the_cache_acts_as_earlier_context(model):
+@pytest.mark.parametrize("heads_axis", [False, True])
+def test_prefix_kv_appended_to_the_cache_acts_as_earlier_context(model, heads_axis):
     # What prefix tuning will do: put per-layer K/V into the cache without feeding tokens. Here
     # the "prefix" is the K/V of the first 6 tokens, so the rest must see them as context.
     tokens = random_tokens(1, (2, 14))
     mask = np.ones((2, 14), np.int32)
-    _, ctx = _prefill_then_decode(model, tokens[:, :6], mask, model.init_cache(2, 14), 6)
-    H, hd = TINY.n_head, TINY.head_dim  # cache layouts: K (B*H, hd, S), V (B*H, S, hd)
+    _, ctx = _prefill_then_decode(model, tokens[:, :6], mask, model.init_cache(2, 14, heads_axis=heads_axis), 6)
+    H, hd = TINY.n_head, TINY.head_dim  # cache layouts: K (B*H or B, H, hd, S), V (B*H or B, H, S, hd)
     k = jnp.stack([k_NdS.reshape(2, H, hd, 14)[..., :6].transpose(0, 3, 1, 2) for k_NdS in ctx.k])
     v = jnp.stack([v_NSd.reshape(2, H, 14, hd)[:, :, :6].transpose(0, 2, 1, 3) for v_NSd in ctx.v])
-    cache = model.init_cache(2, 14).append_kv(k, v)
+    cache = model.init_cache(2, 14, heads_axis=heads_axis).append_kv(k, v)
     assert int(cache.length) == 6 and cache.next_pos.tolist() == [0, 0]  # prefixes take no position
     cache = dataclasses.replace(cache, next_pos=jnp.asarray([6, 6], jnp.int32))  # the text goes on at 6
     graphdef, state = nnx.split(model)
