@@ -12,6 +12,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
+# Fields that change how the network is computed, not what it computes (same weights, same
+# numbers): a run may resume with them changed, and `from_hf` takes them as overrides.
+COMPUTE_OPTIONS = ("remat", "scan_layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50257
@@ -25,6 +30,7 @@ class GPTConfig:
     dtype: str = "float32"        # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the weights (master copy when training)
     remat: bool = False           # recompute each block's activations in the backward pass
+    scan_layers: bool = False     # run the blocks as one jax.lax.scan (compile time flat in depth); storage unchanged
     attention: str = "auto"       # auto | xla | cudnn: how unmasked causal attention is computed
     activation: str = "gelu_tanh"  # MLP nonlinearity: gelu_tanh (GPT-2) | gelu (exact erf, nanoGPT's nn.GELU)
 

@@ -457,6 +457,19 @@ def test_resumed_run_is_bit_identical_to_uninterrupted_run(trained, resumed):
     assert second.val_loss == trained[2].val_loss
 
 
+def test_a_run_resumes_with_remat_and_scan_layers_turned_on_and_continues_exactly(trained, tmp_path, tiny_overrides):
+    """remat and scan_layers change how the network is computed, not what: resuming with them on
+    (e.g. to fit memory) is allowed, and steps 4-6 equal the uninterrupted run's."""
+    full = trained[2].train
+    extra = ("train.eval_interval=3", "sample.max_new_tokens=0", f"data.dataset_dir={trained[0]}/data")
+    _pretrain(tiny_overrides(tmp_path, "train.max_iters=3", *extra))
+    second = _pretrain(tiny_overrides(tmp_path, "train.max_iters=6", "train.resume=true",
+                                      "model.remat=true", "model.scan_layers=true", *extra))
+    assert second.config.remat and second.config.scan_layers
+    np.testing.assert_allclose([second.train.losses[s] for s in range(3, 6)],
+                               [full.losses[s] for s in range(3, 6)], rtol=1e-6)
+
+
 def test_resumed_run_metrics_have_each_step_once(resumed):
     root = resumed[0]
     records = read_metrics(root / "run")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import COMPUTE_OPTIONS, GPTConfig
 from jaxllm.fileio import new_dir
 from jaxllm.interop.hf_files import HFCheckpointError, find_weights, open_weights
 from jaxllm.model import GPT
@@ -40,7 +40,7 @@ _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # Fields of GPTConfig that do not change which tensors exist or what they compute.
-_OVERRIDABLE = ("dropout", "dtype", "param_dtype", "remat")
+_OVERRIDABLE = ("dropout", "dtype", "param_dtype", *COMPUTE_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +256,7 @@ def from_hf(path, **overrides) -> tuple[GPT, GPTConfig]:
     """(model, cfg) from an HF GPT-2 checkpoint: a directory with config.json and model.safetensors
     (or a shard index, or pytorch_model.bin, read weights-only), or one of those files.
 
-    `overrides` may set dropout, dtype, param_dtype or remat; the rest comes from config.json.
+    `overrides` may set dropout, dtype, param_dtype, remat or scan_layers; the rest comes from config.json.
     """
     config_path, weights_path = _resolve(path)
     try:

@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxllm import parallel
-from jaxllm.config import GPTConfig
+from jaxllm.config import COMPUTE_OPTIONS, GPTConfig
 from jaxllm.model import count_params
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter
@@ -435,9 +435,13 @@ def _prepare_run_dir(loop: LoopConfig) -> Checkpointer:
 
 def _check_model_config(saved: dict, current: dict, where) -> None:
     """Resume only onto the same model; meta["model"] is compared as a GPTConfig, so that a field
-    added since (with its default) compares equal."""
+    added since (with its default) compares equal. How it is computed (COMPUTE_OPTIONS: remat,
+    scan_layers) may change: e.g. turning remat on to resume a run that ran out of memory."""
     def as_config(meta):
-        return GPTConfig.from_dict(meta["model"]) if meta.get("model") is not None else None
+        if meta.get("model") is None:
+            return None
+        cfg = GPTConfig.from_dict(meta["model"])
+        return dataclasses.replace(cfg, **{f: getattr(GPTConfig, f) for f in COMPUTE_OPTIONS})
     if as_config(saved) != as_config(current):
         raise ValueError(
             f"cannot resume from {where}: its model config {saved.get('model')} differs from the "
