@@ -34,7 +34,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.lora_speed import _xla_costs  # noqa: E402
+from benchmarks.lora_speed import _xla_costs, run_worker as lora_run_worker  # noqa: E402
 from benchmarks.train_speed import (MODELS as SPEED_MODELS, OPTIM, _batches, _rss_mb, add_run_args,  # noqa: E402
                                     gpt_config, jaxllm_step, wait_for_quiet)
 
@@ -174,20 +173,10 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict, timeout: float) -> dict:
-    # Cold compiles with default XLA settings: no inherited XLA_FLAGS or compilation cache (a twin of
-    # train_speed.run_job / lora_speed.run_worker, which run their own files' workers).
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    # Cold compiles with default XLA settings, in a fresh process running this file's worker.
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exited {proc.returncode}: {tail}"[:500]}
-    return {**json.loads(lines[-1]), "subprocess_s": time.perf_counter() - t0}
+    result = lora_run_worker(job, timeout, script=__file__)
+    return result if "error" in result else {**result, "subprocess_s": time.perf_counter() - t0}
 
 
 def _ratio(a: dict, b: dict, key: str):

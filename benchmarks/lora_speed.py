@@ -126,12 +126,13 @@ def worker(job: dict) -> dict:
 # --------------------------------------------------------------------------- the driver
 
 
-def run_worker(job: dict, timeout: float) -> dict:
+def run_worker(job: dict, timeout: float, script: str = __file__) -> dict:
     # Cold compiles, default XLA settings apart from what setup_cpu adds, as in train_speed.run_job
-    # (which runs train_speed's own worker, hence this small twin).
+    # (which runs train_speed's own worker, hence this small twin); `script`: whose --worker to run
+    # (benchmarks/compile_time.py runs its own through this).
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+        proc = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}

@@ -1,6 +1,5 @@
 """Properties of corpus sources, the on-disk token store and its stateless sampler."""
 
-import json
 import shutil
 import socket
 import sys

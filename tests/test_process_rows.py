@@ -9,7 +9,6 @@ import pytest
 
 from jaxllm import parallel
 from jaxllm.alignment.pairs import PairBatch, rows_batch_fn
-from jaxllm.alignment.sft import _rows_batch_fn
 from jaxllm.data import TokenDataset, prepare
 from jaxllm.data.packing import Rows
 from jaxllm.stages.corpus import corpus_batches
@@ -72,7 +71,7 @@ def _sft_rows(n=20, T=6):
 @pytest.mark.parametrize("rows", ROW_SETS, ids=str)
 def test_sft_batch_rows_equal_those_rows_of_the_whole_batch(rows):
     data = _sft_rows()
-    batch_fn = _rows_batch_fn(data, seed=3, batch_size=8, accum=2)
+    batch_fn = rows_batch_fn(data, seed=3, batch_size=8, accum=2)
     assert takes_rows(batch_fn)
     whole = batch_fn(11)
     idx = np.random.default_rng([3, 11]).integers(0, 20, 16)   # the draw one process has always made

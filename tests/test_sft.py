@@ -72,7 +72,7 @@ def test_malformed_jsonl_line_is_named_or_skipped_with_a_count(tmp_path, capsys)
     rc, out, err = run_main(args + ["data.on_error=skip"])
     assert rc == 0, err
     assert "2 examples" in out and "2 skipped as malformed" in out
-    assert f"train.jsonl:3: field 'output'" in out
+    assert "train.jsonl:3: field 'output'" in out
 
 
 def test_sft_loss_counts_only_response_tokens():

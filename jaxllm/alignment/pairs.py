@@ -76,11 +76,12 @@ def both_sides(batch: PairBatch):
     return tokens, mask, labels
 
 
-def rows_batch_fn(data: PairBatch, seed: int, batch_size: int, accum: int):
-    """batch_fn(step, rows=None): pairs drawn with a generator seeded by (seed, step): resume needs
-    no state. `rows` (of each micro-batch's batch_size pairs) gathers only those, equal to the same
-    rows of the whole batch (see jaxllm.training.loop.train_loop)."""
-    n = data.weight.shape[0]
+def rows_batch_fn(data, seed: int, batch_size: int, accum: int):
+    """batch_fn(step, rows=None) over `data`, a pytree of arrays with one row per example (preference
+    pairs, SFT rows): rows drawn with a generator seeded by (seed, step), so resume needs no state.
+    `rows` (of each micro-batch's batch_size rows) gathers only those, equal to the same rows of the
+    whole batch (see jaxllm.training.loop.train_loop)."""
+    n = jax.tree.leaves(data)[0].shape[0]
 
     def batch_fn(step, rows=None):
         idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum).reshape(accum, batch_size)

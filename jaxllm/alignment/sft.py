@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxllm.alignment.pairs import rows_batch_fn
 from jaxllm.configfile import to_dict
 from jaxllm.data.instruct import example_spans, load_instruct, tokenize_records
 from jaxllm.data.packing import Rows, model_inputs
@@ -135,20 +136,6 @@ def _model_and_tokenizer(config: SFTConfig):
     return GPT(cfg, rngs=nnx.Rngs(config.train.seed)), cfg, tok
 
 
-def _rows_batch_fn(data: Rows, seed: int, batch_size: int, accum: int):
-    """batch_fn(step, rows=None): rows drawn with a generator seeded by (seed, step): resume needs
-    no state. `rows` (of each micro-batch's batch_size rows) gathers only those, equal to the same
-    rows of the whole batch (see jaxllm.training.loop.train_loop)."""
-    n = data.tokens.shape[0]
-
-    def batch_fn(step, rows=None):
-        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size * accum).reshape(accum, batch_size)
-        if rows is not None:   # every draw is made, so row i is the same whoever asks for it
-            idx = idx[:, rows]
-        return Rows(*(a[idx] for a in data))
-    return batch_fn
-
-
 def _evaluator(val_rows: Rows, held_records, tok, ds_ids, fmt: str, config: SFTConfig):
     batch = config.eval.batch_size
     n_val = val_rows.tokens.shape[0]
@@ -214,7 +201,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
                            val_ds.stats.format or "auto", config)
     before = evaluate_model(model, trainable, make_eval)
     print("before: " + _describe(before))
-    result = train_loop(model, sft_loss_fn, _rows_batch_fn(train_rows, loop.seed, loop.batch_size, loop.grad_accum),
+    result = train_loop(model, sft_loss_fn, rows_batch_fn(train_rows, loop.seed, loop.batch_size, loop.grad_accum),
                         optim=config.optim, loop=loop, meta=meta, make_eval=make_eval, trainable=trainable,
                         tokens_per_step=loop.batch_size * loop.grad_accum * T,
                         flops_per_token=cfg.flops_per_token(T), tokenizer=tok, checkpoint_frozen=not peft_meta,
