@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import GPTConfig
-from jaxllm.parallel import constrain_heads, constrain_rows, splits_heads
+from jaxllm.parallel import constrain_heads, constrain_rows, splits_heads, whole
 
 _INIT_STD = 0.02
 _MASK_VALUE = -1e30  # finite, so a fully-masked row (a padding query) gives no NaN
@@ -456,7 +456,9 @@ class GPT(nnx.Module):
         """Token + position embeddings as the 2-D residual stream (B*T, D), with dropout."""
         cfg, (B, T) = self.config, tokens_BT.shape
         positions = jnp.broadcast_to(positions, (B, T))
-        x_ND = (self.wte(tokens_BT) + self.wpe(positions)).reshape(B * T, cfg.n_embd)
+        wte = whole(self.wte.embedding[...]).astype(cfg.compute_dtype)   # on a mesh: see parallel.whole
+        wpe = whole(self.wpe.embedding[...]).astype(cfg.compute_dtype)
+        x_ND = (jnp.take(wte, tokens_BT, axis=0) + jnp.take(wpe, positions, axis=0)).reshape(B * T, cfg.n_embd)
         return dropout(x_ND, cfg.dropout, _fold(dropout_key, cfg.n_layer))
 
     def _features_cached(self, tokens_BT, attention_mask, positions, dropout_key, cache: KVCache,

@@ -410,6 +410,18 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
+def whole(x: jax.Array) -> jax.Array:
+    """`x` gathered whole onto every device of a named mesh (no effect off one). For the embedding
+    tables before a lookup: gathering a row of an FSDP-split table gives the row split along the
+    width, which XLA then cannot turn into the batch's row split except by replicating the looked-up
+    activations ("Involuntary full rematerialization"); the whole table is gathered for the tied LM
+    head anyway."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
 def splits_heads() -> bool:
     """Whether the computation being traced runs on a named mesh that splits heads (tensor > 1):
     there the KV cache keeps a heads axis (`jaxllm.model.KVCache.init`)."""

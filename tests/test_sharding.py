@@ -409,3 +409,22 @@ def test_tensor_parallel_step_needs_only_all_reduces_with_per_head_qkv():
     print("tensor:8 step collectives:", dict(ops))
     assert ops["all-reduce"] >= 2 * cfg.n_layer
     assert set(ops) == {"all-reduce"}
+
+
+def test_embedding_lookup_on_an_fsdp_mesh_needs_no_involuntary_rematerialization(capfd):
+    """Looking rows up in an FSDP-split table gives them split along the width; turning that into
+    the batch's row split made XLA replicate the activations ("Involuntary full rematerialization"
+    in its log, twice per step under data:2,fsdp:4). The tables are gathered whole first."""
+    cfg = GPTConfig(vocab_size=72, block_size=24, n_layer=1, n_head=4, n_embd=32)   # shapes no other test compiles
+    mesh = parallel.make_mesh("data:2,fsdp:4")
+    graphdef, state, optimizer = _state(cfg)
+    params = parallel.state_shardings(state.trainable, mesh)
+    sharding = TrainState(parallel.replicated(mesh), params, parallel.state_shardings(state.frozen, mesh),
+                          parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh))
+    step = make_train_step(graphdef, lm_loss_fn, optimizer, mesh=mesh, state_sharding=sharding)
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, cfg.block_size + 1)).astype(np.int32)
+    capfd.readouterr()
+    with parallel.on_mesh(mesh):
+        step.lower(jax.device_put(state, sharding), parallel.shard_batch((x[..., :-1], x[..., 1:]), mesh, 1),
+                   jax.random.key(0)).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
