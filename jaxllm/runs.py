@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import COMPUTE_OPTIONS, GPTConfig
 from jaxllm.heads import HeadParam, PolicyWithValue, RewardModel
 from jaxllm.interop.hf import from_hf, to_hf
 from jaxllm.model import GPT
@@ -149,16 +149,24 @@ def base_kind(path) -> str:
         f"`jaxllm export-hf` / save_pretrained")
 
 
-def load_base(path, step: int | None = None):
-    """(model, config, tokenizer or None) from a jaxllm run directory or an HF GPT-2 directory."""
+def load_base(path, step: int | None = None, **compute):
+    """(model, config, tokenizer or None) from a jaxllm run directory or an HF GPT-2 directory.
+    `compute` sets how the model is computed (`jaxllm.config.COMPUTE_OPTIONS`: remat, scan_layers),
+    e.g. remat=True to fine-tune a base whose activations do not fit."""
+    bad = sorted(set(compute) - set(COMPUTE_OPTIONS))
+    if bad:
+        raise ValueError(f"load_base takes only compute options {list(COMPUTE_OPTIONS)}, not {bad}")
     if base_kind(path) == "run":
         model, cfg, tok, _ = load_checkpoint(path, step)
         _flatten_peft(model, path)
-        return model, cfg, tok
-    model, cfg = from_hf(path)
-    p = pathlib.Path(path).expanduser()
-    has_tokenizer = (p / CONFIG_NAME).is_file() or (p / HF_FILE_NAME).is_file()
-    tok = load_tokenizer(p) if has_tokenizer else None
+    else:
+        model, cfg = from_hf(path)
+        p = pathlib.Path(path).expanduser()
+        has_tokenizer = (p / CONFIG_NAME).is_file() or (p / HF_FILE_NAME).is_file()
+        tok = load_tokenizer(p) if has_tokenizer else None
+    if compute:
+        cfg = cfg.replace(**compute)
+        model.config = cfg
     return model, cfg, tok
 
 

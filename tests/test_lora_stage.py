@@ -104,6 +104,17 @@ def test_resumed_lora_run_is_bit_identical(base, tuned, tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_lora_with_the_base_computed_by_remat_and_scan_matches_the_plain_run(base, tuned, tmp_path):
+    """init.remat / init.scan_layers change how the base is computed while tuning, not the numbers:
+    the same 8 losses as the plain run (LoRA on every layer: the scan is taken)."""
+    run, corpus = base
+    _, full = tuned
+    got = _tune(tmp_path, run, f"data.source={corpus}", "init.remat=true", "init.scan_layers=true")
+    assert got.train.model.config.remat and got.train.model.config.scan_layers
+    np.testing.assert_allclose([got.train.losses[s] for s in range(8)], [full.train.losses[s] for s in range(8)],
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["adapter", "prefix"])
 def test_adapter_and_prefix_runs_train_only_their_weights(base, tmp_path, method):
     run, corpus = base

@@ -107,7 +107,7 @@ def base_and_tokenizer(init: InitConfig, tokenizer: str | None, stage: str):
     if not init.path:
         raise ValueError(f"init.path is required: the jaxllm run (e.g. an SFT run) or HF GPT-2 directory "
                          f"that `jaxllm {stage}` starts from")
-    model, cfg, base_tok = load_base(init.path, init.step)
+    model, cfg, base_tok = load_base(init.path, init.step, **init.compute())
     tok = load_tokenizer(tokenizer) if tokenizer else base_tok
     if tok is None:
         raise ValueError(f"the base {init.path} has no tokenizer; set data.tokenizer")

@@ -117,7 +117,7 @@ def _records(config: SFTConfig):
 def _model_and_tokenizer(config: SFTConfig):
     d, init = config.data, config.init
     if init.path:
-        model, cfg, base_tok = load_base(init.path, init.step)
+        model, cfg, base_tok = load_base(init.path, init.step, **init.compute())
         tok = load_tokenizer(d.tokenizer) if d.tokenizer else base_tok
         if tok is None:
             raise ValueError(f"the base {init.path} has no tokenizer; set data.tokenizer")

@@ -65,7 +65,7 @@ def save_adapter_dir(model, out_dir, base: str | None) -> pathlib.Path:
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if not config.init.path:
         raise ValueError("init.path is required: the jaxllm run or HF GPT-2 directory to tune")
-    model, cfg, base_tok = load_base(config.init.path, config.init.step)
+    model, cfg, base_tok = load_base(config.init.path, config.init.step, **config.init.compute())
     tok_spec = base_tokenizer_spec(config.data.tokenizer, config.init.path, base_tok)
     ds = load_or_prepare(config.data, tokenizer=tok_spec)
     config = with_dataset_dir(config, ds)

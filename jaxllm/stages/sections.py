@@ -41,6 +41,14 @@ class InitConfig:
 
     path: typing.Optional[str] = None     # a jaxllm run dir or an HF GPT-2 dir
     step: typing.Optional[int] = None     # checkpoint step of a jaxllm run (default: latest)
+    # how the base is computed while tuning (unset: as the base has it): recompute each block in the
+    # backward pass, run the blocks as one scan. Neither changes the weights or the numbers.
+    remat: typing.Optional[bool] = None
+    scan_layers: typing.Optional[bool] = None
+
+    def compute(self) -> dict:
+        """The compute options that are set, for `jaxllm.runs.load_base`."""
+        return {k: v for k, v in (("remat", self.remat), ("scan_layers", self.scan_layers)) if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
