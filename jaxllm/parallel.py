@@ -579,6 +579,16 @@ def gather_to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def on_one_device(tree):
+    """`tree`'s arrays whole on this process's first device, from wherever they are: a mesh of this
+    process's devices, or one spanning processes (then gathered through host memory first, in every
+    process: a collective). For work that should not run once per device, e.g. generating text."""
+    if jax.process_count() > 1 and any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                                       for x in jax.tree.leaves(tree)):
+        tree = gather_to_host(tree)
+    return jax.device_put(tree, jax.local_devices()[0])
+
+
 def sync(name: str) -> None:
     """Wait until every process reaches this point (no-op in a single process)."""
     if jax.process_count() > 1:

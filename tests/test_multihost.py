@@ -258,3 +258,35 @@ def test_jaxllm_lora_across_two_processes_matches_one_process_and_writes_one_ada
     for name in a:
         # Adam at lr 3e-2 magnifies last-bit differences of the cross-process sums (~4e-6)
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.skipif(len(jax.devices()) != 8, reason="tests/conftest.py forces 8 CPU devices")
+def test_jaxllm_sft_across_two_processes_matches_one_process_with_its_generated_evaluation(tmp_path):
+    """SFT across processes: each builds its rows of the packed batches, and the exact-match
+    evaluation generates on the mesh spanning both; losses and the evaluation equal one process's."""
+    from jaxllm.alignment.sft import SFTConfig, run_sft
+    from jaxllm.configfile import load_config
+    from jaxllm.training.metrics import read_metrics
+
+    sft = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=64", "data.tasks=reverse",
+           "data.n_train=200", "data.n_eval=16", "train.batch_size=8", "train.mesh=data:2,fsdp:4",
+           "train.max_iters=4", "train.eval_interval=2", "train.ckpt_interval=2", "train.log_interval=1",
+           "train.progress=false", "train.peak_flops=1e11", "optim.warmup_iters=0", "optim.learning_rate=3e-3",
+           "eval.examples=16", "eval.batch_size=16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    outputs = _launch([["sft", *sft, f"train.out_dir={two}"]], _free_port())
+    reference = run_sft(load_config(SFTConfig, None, sft + [f"train.out_dir={one}"]))
+    got = {r["step"]: r["loss"] for r in read_metrics(two) if "loss" in r}
+    want = {r["step"]: r["loss"] for r in read_metrics(one) if "loss" in r}
+    print("two processes:", got, "\none process:  ", want, "\n", outputs[0][-1500:])
+    assert list(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5)
+    # the evaluations at steps 2 and 4, exact match by generation included, are one process's
+    evals = [{k: v for k, v in r.items() if k.startswith(("val_loss", "exact_match"))} for r in read_metrics(two)
+             if "val_loss" in r]
+    expected = [{k: v for k, v in r.items() if k.startswith(("val_loss", "exact_match"))} for r in read_metrics(one)
+                if "val_loss" in r]
+    assert len(evals) == 2 and all("exact_match/reverse" in e for e in evals)
+    for e, x in zip(evals, expected):
+        assert e.keys() == x.keys() and all(abs(e[k] - x[k]) <= 1e-5 * max(1.0, abs(x[k])) for k in e)
+    assert reference.after["exact_match/reverse"] == evals[-1]["exact_match/reverse"]

@@ -17,10 +17,10 @@ import dataclasses
 import json
 import typing
 
-import jax
 import numpy as np
 from flax import nnx
 
+from jaxllm import parallel
 from jaxllm.alignment.pairs import rows_batch_fn
 from jaxllm.configfile import to_dict
 from jaxllm.data.instruct import example_spans, load_instruct, tokenize_records
@@ -155,8 +155,8 @@ def _evaluator(val_rows: Rows, held_records, tok, ds_ids, fmt: str, config: SFTC
                 total, count = total + t, count + c   # summed on device: no host sync per batch
             out = {"val_loss": float(total) / max(float(count), 1.0)}
             if scored:
-                one = jax.local_devices()[0]  # generation on one device, whatever the training mesh
-                model = nnx.merge(graphdef, *jax.device_put((state.trainable, state.frozen), one))
+                # generation on one device, whatever the training mesh (spanning processes too)
+                model = nnx.merge(graphdef, *parallel.on_one_device((state.trainable, state.frozen)))
                 report = exact_match(model, tok, scored, format=fmt, batch_size=batch, eos_id=ds_ids[0],
                                      pad_id=ds_ids[1])
                 out["exact_match"] = report.accuracy

@@ -409,10 +409,8 @@ def _write_back(model: nnx.Module, state: TrainState, mesh) -> None:
     trainable, frozen = state.trainable, state.frozen
     if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves((trainable, frozen))):
         return
-    if jax.process_count() > 1:   # split across processes: every process gathers the whole model
-        trainable, frozen = parallel.gather_to_host((trainable, frozen))
-    if mesh is not None:
-        trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
+    if mesh is not None or jax.process_count() > 1:   # across processes every process gathers it all
+        trainable, frozen = parallel.on_one_device((trainable, frozen))
     nnx.update(model, trainable, frozen)
 
 
