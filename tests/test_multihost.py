@@ -290,3 +290,42 @@ def test_jaxllm_sft_across_two_processes_matches_one_process_with_its_generated_
     for e, x in zip(evals, expected):
         assert e.keys() == x.keys() and all(abs(e[k] - x[k]) <= 1e-5 * max(1.0, abs(x[k])) for k in e)
     assert reference.after["exact_match/reverse"] == evals[-1]["exact_match/reverse"]
+
+
+@pytest.mark.skipif(len(jax.devices()) != 8, reason="tests/conftest.py forces 8 CPU devices")
+def test_jaxllm_grpo_across_two_processes_samples_scores_and_trains_like_one_process(tmp_path):
+    """Online RL across processes: rollouts sampled on the mesh spanning both (each process holds
+    its rows of the completions, gathered for the reward functions), scored, trained and evaluated
+    by greedy generation, with one 8-device process's numbers."""
+    from jaxllm.alignment.grpo import GRPOConfig, run_grpo
+    from jaxllm.cli import main
+    from jaxllm.configfile import load_config
+    from jaxllm.data.synthetic import make_splits
+    from jaxllm.training.metrics import read_metrics
+
+    quiet = ["train.eval_interval=0", "train.ckpt_interval=0", "train.log_interval=1", "train.progress=false",
+             "train.tensorboard=false", "train.peak_flops=1e11"]
+    assert main(["sft", f"train.out_dir={tmp_path}/sft", "data.tasks=add", "data.n_train=200", "data.n_eval=8",
+                 "model.n_layer=1", "model.n_head=4", "model.n_embd=32", "model.block_size=24", "train.batch_size=8",
+                 "train.max_iters=30", "optim.learning_rate=1e-2", "eval.examples=0", *quiet]) == 0
+    train, held = make_splits(40, 8, tasks=("add",), format="compact")
+    for name, records in (("train", train), ("eval", held)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # a reward that varies within groups from the first step (exact match stays 0 for this model),
+    # so that advantages, and the loss and its gradient, are not zero
+    (tmp_path / "rewards.py").write_text("def ones(prompts, completions, **columns):\n"
+                                         "    return [float(c.count('1')) for c in completions]\n")
+    grpo = [f"init.path={tmp_path}/sft", f"data.train_file={tmp_path}/train.jsonl",
+            f"grpo.reward_funcs=[{tmp_path}/rewards.py:ones]",
+            f"data.eval_file={tmp_path}/eval.jsonl", *quiet, "train.batch_size=8", "data.eval_batch_size=8",
+            "train.mesh=data:2,fsdp:4", "train.max_iters=2", "train.eval_interval=2", "rollout.max_new_tokens=5",
+            "rollout.temperature=1.0", "grpo.num_generations=4", "peft.method=lora", "optim.learning_rate=1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch([["grpo", *grpo, f"train.out_dir={two}"]], _free_port())
+    run_grpo(load_config(GRPOConfig, None, grpo + [f"train.out_dir={one}"]))
+    keys = ("loss", "reward", "completions/mean_length", "entropy", "val_reward", "val_length")
+    got, want = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (two, one))
+    print("two processes:", got, "\none process:  ", want)
+    assert [list(r) for r in got] == [list(r) for r in want] and any("val_reward" in r for r in got)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)

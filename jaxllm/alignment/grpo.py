@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm import parallel
 from jaxllm.alignment.reward import load_reward_model, score
 from jaxllm.alignment.rollout import (PromptDataConfig, RLResult, RolloutBatches, RolloutConfig, call_reward,
                                       load_prompt_sets, load_reward_function, policy_logps, reference_logps,
@@ -210,7 +211,7 @@ class GRPORollouts(RolloutBatches):
         advantages, std = group_advantages(total, self.group, scale=self.section.scale_rewards)
         fields, entropy = self._score(state.trainable, state.frozen, self._ref_state,
                                       {k: batch[k] for k in ("tokens", "attn", "completion", "mask")})
-        fields = {**jax.device_get(fields), "advantages": np.asarray(advantages)}
+        fields = {**parallel.gather_to_host(fields), "advantages": np.asarray(advantages)}
         grouped = total.reshape(-1, self.group)
         metrics.update({"reward": float(total.mean()), "reward_std": float(grouped.std(axis=1, ddof=1).mean()),
                         "frac_reward_zero_std": float(np.mean(np.ptp(grouped, axis=1) == 0)),

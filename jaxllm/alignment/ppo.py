@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm import parallel
 from jaxllm.alignment.reward import load_reward_model
 from jaxllm.alignment.rollout import (PromptDataConfig, RLResult, RolloutBatches, RolloutConfig, completion_features,
                                       completion_mask, full_sequence, load_prompt_sets, load_reward_function, reference_logps,
@@ -245,8 +246,9 @@ class PPORollouts(RolloutBatches):
         self._score = score
 
     def score(self, state, batch, info):
-        fields, metrics = jax.device_get(self._score(state.trainable, state.frozen, self._ref_state, self.rm_state,
-                                                     batch, info["has_eos"], np.float32(self.kl_coef)))
+        fields, metrics = parallel.gather_to_host(self._score(state.trainable, state.frozen, self._ref_state,
+                                                              self.rm_state, batch, info["has_eos"],
+                                                              np.float32(self.kl_coef)))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["objective/kl_coef"] = self.kl_coef
         if self.section.kl_target is not None:   # Ziegler et al.'s proportional controller
@@ -285,7 +287,8 @@ def run_ppo(config: PPOConfig) -> RLResult:
         def rm_score(state, completion):
             tokens, attn = full_sequence(held.tokens, held.real, completion, completion_mask(completion, eos)[0])
             n, B = len(tokens), config.data.eval_batch_size
-            scores = [np.asarray(score_jit(rm_state, tokens[np.arange(s, s + B) % n], attn[np.arange(s, s + B) % n]))
+            scores = [parallel.gather_to_host(score_jit(rm_state, tokens[np.arange(s, s + B) % n],
+                                                        attn[np.arange(s, s + B) % n]))
                       for s in range(0, n, B)]
             return {"val_score": float(np.concatenate(scores)[:n].mean())}
         # held-out records with answers are also scored by exact match: the true reward, where known

@@ -252,7 +252,7 @@ class RolloutBatches:
 
     def _constant(self, tree):
         """Frozen weights (reference, reward model) placed beside the state: replicated on the mesh."""
-        return tree if self.mesh is None or tree is None else jax.device_put(tree, parallel.replicated(self.mesh))
+        return tree if self.mesh is None or tree is None else parallel.place(tree, parallel.replicated(self.mesh))
 
     def __call__(self, step: int, state):
         jax.block_until_ready(state.trainable)   # the last update: not rollout time
@@ -262,8 +262,9 @@ class RolloutBatches:
         idx = np.repeat(idx, self.group)                       # a group's samples are consecutive
         prompt, real = self.prompts.tokens[idx], self.prompts.real[idx]
         key = jax.random.fold_in(jax.random.key(self.seed), step)
-        completion = np.asarray(self._sample(state.trainable, state.frozen, self.settings,
-                                             self._place(prompt), self._place(real), key))
+        # gather_to_host: on a mesh spanning processes each holds only its rows of the output
+        completion = parallel.gather_to_host(self._sample(state.trainable, state.frozen, self.settings,
+                                                          self._place(prompt), self._place(real), key))
         t1 = time.perf_counter()
         mask, has_eos = completion_mask(completion, self.eos)
         tokens, attn = full_sequence(prompt, real, completion, mask)
@@ -315,7 +316,7 @@ def greedy_completions(graphdef, config, prompts: PromptSet, max_new_tokens: int
         out = []
         for s in range(0, n, batch_size):
             idx = np.arange(s, s + batch_size) % n
-            out.append(np.asarray(fn(trainable, frozen, prompts.tokens[idx], prompts.real[idx])))
+            out.append(parallel.gather_to_host(fn(trainable, frozen, prompts.tokens[idx], prompts.real[idx])))
         return np.concatenate(out)[:n]
     return run
 
