@@ -8,6 +8,9 @@ device memory and compile time. Prints JSON and writes benchmarks/results/gpu_pr
 
     python benchmarks/gpu_pretrain.py                       # gpt2 (124M), block 1024, batch 8
     python benchmarks/gpu_pretrain.py --preset cpu-small --batch 4 --steps 3   # a smoke run on CPU
+    python benchmarks/gpu_pretrain.py --skip-torch --scan-layers  # jaxllm with GPTConfig.scan_layers
+
+`benchmarks/gpu_session.sh` runs what a lent GPU should measure, in one go.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--vocab", type=int, default=None, help="e.g. 50304, nanoGPT's padded GPT-2 vocabulary")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--scan-layers", action="store_true", help="jaxllm runs its blocks as one scan")
     ap.add_argument("--out", default=str(HERE / "results" / "gpu_pretrain.json"))
     args = ap.parse_args()
 
@@ -130,7 +134,8 @@ def main() -> None:
     from jaxllm.config import GPTConfig
     from jaxllm.training.perf import measure_matmul_peak
 
-    cfg = GPTConfig.preset(args.preset).replace(block_size=args.block, dtype="bfloat16", dropout=0.0)
+    cfg = GPTConfig.preset(args.preset).replace(block_size=args.block, dtype="bfloat16", dropout=0.0,
+                                                scan_layers=args.scan_layers)
     if args.vocab:
         cfg = cfg.replace(vocab_size=args.vocab)
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.block + 1)).astype(np.int32)
