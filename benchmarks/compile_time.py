@@ -66,15 +66,14 @@ def measure_compile(preset: str, block: int, batch: int, scan: bool, program: st
     from jaxllm.config import GPTConfig
     from jaxllm.model import GPT
     from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer
-    from jaxllm.training.step import init_train_state, lm_loss_fn, make_train_step
+    from jaxllm.training.step import abstract_train_state, lm_loss_fn, make_train_step
 
     cfg = GPTConfig.preset(preset, block_size=block, dropout=0.0, scan_layers=scan)
     optim = OptimConfig(**OPTIM)
     optimizer = make_optimizer(optim)
     rss0 = _rss_mb("VmRSS")
     t0 = time.perf_counter()
-    graphdef = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))[0]
-    state = jax.eval_shape(lambda: init_train_state(GPT(cfg, rngs=nnx.Rngs(0)), optimizer)[1])
+    graphdef, state = abstract_train_state(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optimizer)
     abstract_s = time.perf_counter() - t0
     x = jax.ShapeDtypeStruct((1, batch, block), jnp.int32)   # (accum, rows, tokens)
     if program == "step":

@@ -45,18 +45,11 @@ from jaxllm import parallel  # noqa: E402
 from jaxllm.config import GPTConfig  # noqa: E402
 from jaxllm.model import GPT  # noqa: E402
 from jaxllm.training.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
-from jaxllm.training.step import TrainState, init_train_state, lm_loss_fn, make_train_step  # noqa: E402
+from jaxllm.training.step import TrainState, abstract_train_state, lm_loss_fn, make_train_step  # noqa: E402
 
 LAYOUTS = {"data:8": "data:8", "fsdp:8": "fsdp:8", "tensor:4,data:2 (for tensor:8)": "tensor:4,data:2"}
 BY_SIZE = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GIB = 2 ** 30
-
-
-def abstract_state(cfg: GPTConfig, optimizer):
-    """graphdef and the train state as shapes only (no weights are made)."""
-    graphdef = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))[0]
-    state = jax.eval_shape(lambda: init_train_state(GPT(cfg, rngs=nnx.Rngs(0)), optimizer)[1])
-    return graphdef, state
 
 
 def measure(preset: str, spec: str, batch: int) -> dict:
@@ -69,7 +62,7 @@ def measure(preset: str, spec: str, batch: int) -> dict:
         return {"preset": preset, "mesh": spec, "skipped": str(err)}
     optim = OptimConfig()
     optimizer = make_optimizer(optim)
-    graphdef, state = abstract_state(cfg, optimizer)
+    graphdef, state = abstract_train_state(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optimizer)
     params = parallel.state_shardings(state.trainable, mesh)
     sharding = TrainState(parallel.replicated(mesh), params, parallel.state_shardings(state.frozen, mesh),
                           parallel.opt_state_shardings(optimizer, state.opt_state, params, mesh))

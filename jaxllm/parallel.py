@@ -11,6 +11,7 @@ and library users call it themselves if they want it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -305,7 +306,7 @@ def check_model_split(config, mesh: Mesh, spec: str = "") -> None:
                          f"fsdp size that divides the model width")
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
     """A key path as a dotted state path ("h.0.attn.c_attn.kernel"), a Variable's `.value` dropped."""
     parts = []
     for k in path:
@@ -365,7 +366,7 @@ def state_shardings(tree, mesh: Mesh, rules=None):
         shape = np.shape(leaf)
         if not shape:
             return replicated(mesh)
-        return NamedSharding(mesh, partition_spec(_path_name(path), shape, mesh, rules))
+        return NamedSharding(mesh, partition_spec(path_name(path), shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -395,14 +396,21 @@ def on_mesh(mesh: Mesh | None):
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def _traced_mesh():
+    """The named mesh the computation being traced runs on (set by `on_mesh`), or None: what the
+    activation hints below and `splits_heads` read."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or tuple(mesh.axis_names) != MESH_AXES else mesh
+
+
 def constrain_rows(x: jax.Array) -> jax.Array:
     """The activation hint of a named mesh: keep `x`'s rows (axis 0) split over data x fsdp like
     the batch's. Without it, XLA split the residual stream along the FSDP-split model width and
     resharded it around every layer (fsdp:8 on a 2-layer 256-wide GPT: 55 all-gathers and 16
     all-to-alls per step instead of 11 and 2, 1.7x the temporary memory). Outside `on_mesh`, or
     when the rows do not split, `x` is returned unchanged: a model off a mesh runs as before."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+    mesh = _traced_mesh()
+    if mesh is None:
         return x
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if n == 1 or x.shape[0] % n:
@@ -416,8 +424,8 @@ def whole(x: jax.Array) -> jax.Array:
     width, which XLA then cannot turn into the batch's row split except by replicating the looked-up
     activations ("Involuntary full rematerialization"); the whole table is gathered for the tied LM
     head anyway."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES or mesh.size == 1:
+    mesh = _traced_mesh()
+    if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec())
 
@@ -425,8 +433,8 @@ def whole(x: jax.Array) -> jax.Array:
 def splits_heads() -> bool:
     """Whether the computation being traced runs on a named mesh that splits heads (tensor > 1):
     there the KV cache keeps a heads axis (`jaxllm.model.KVCache.init`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and tuple(mesh.axis_names) == MESH_AXES and mesh.shape["tensor"] > 1
+    mesh = _traced_mesh()
+    return mesh is not None and mesh.shape["tensor"] > 1
 
 
 def constrain_heads(x: jax.Array) -> jax.Array:
@@ -434,8 +442,8 @@ def constrain_heads(x: jax.Array) -> jax.Array:
     over tensor, as c_attn's per-head split computes them, so each device keeps only its rows'
     share of the heads in its cache. Off a mesh, for a cache without a heads axis (3-D), or where
     a split does not divide: unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if x.ndim != 4 or mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+    mesh = _traced_mesh()
+    if x.ndim != 4 or mesh is None:
         return x
     rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
     heads = mesh.shape["tensor"]
@@ -598,6 +606,7 @@ def sync(name: str) -> None:
 
 # ------------------------------------------------------------------ each process builds its own rows
 
+@functools.lru_cache(maxsize=32)   # asked at every step (shard_batch): the same answer for a run
 def process_batch_rows(mesh: Mesh, global_rows: int, batch_axis: int = 0):
     """The rows of a `global_rows`-row batch that this process's devices hold on `mesh` (rows split
     over data x fsdp, see `batch_sharding`): a slice when they are one run of rows (the usual case:

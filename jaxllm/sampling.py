@@ -443,11 +443,9 @@ def generate_text(model: nnx.Module, tokenizer, prompts, max_new_tokens: int,
         raise ValueError(f"stop must be non-empty strings, got {stop!r}")
     eos = tokenizer.eos_id
     rows = [tokenizer.encode(p) or [eos if eos is not None else 0] for p in prompts]
-    block = model.config.block_size
-    for i, r in enumerate(rows):
-        if must_fit and len(r) + max_new_tokens > block:
-            raise ValueError(f"prompt {i} is {len(r)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                             f"the model's block_size {block}: shorten the prompt or lower max_new_tokens")
+    if must_fit:
+        for i, r in enumerate(rows):
+            check_fits(len(r), max_new_tokens, model.config.block_size, f"prompt {i}")
     stop_ids = []
     for s in stop:
         ids = tokenizer.encode(s)
@@ -461,6 +459,14 @@ def generate_text(model: nnx.Module, tokenizer, prompts, max_new_tokens: int,
     for row in out[:, width:]:
         texts.append(cut_at_stop_strings(tokenizer.decode(cut_at_eos(row, eos)), stop))
     return texts
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int, what: str = "the prompt") -> None:
+    """A ValueError naming `what` when a prompt of `prompt_tokens` plus `max_new_tokens` exceeds
+    the model's block (where `generate` would crop the prompt from the left)."""
+    if prompt_tokens + max_new_tokens > block_size:
+        raise ValueError(f"{what} is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                         f"the model's block_size {block_size}: shorten the prompt or lower max_new_tokens")
 
 
 def cut_at_stop_strings(text: str, stop: Sequence[str]) -> str:

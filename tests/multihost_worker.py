@@ -41,8 +41,8 @@ def train_tiny(out_dir, mesh: str = "data:2,fsdp:4", steps: int = 3):
 def flat_params(model) -> dict:
     import jax
     from flax import nnx
-    from jaxllm.parallel import _path_name
-    return {_path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+    from jaxllm.parallel import path_name
+    return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 
 def run_cli(argvs) -> int:

@@ -68,7 +68,7 @@ def _state(cfg=TINY, optimizer=None, lora=False):
 
 
 def _specs(tree):
-    return {parallel._path_name(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {parallel.path_name(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_rules_split_embeddings_over_fsdp_and_heads_and_mlp_over_tensor():
@@ -285,7 +285,7 @@ def test_a_checkpoint_written_under_fsdp8_restores_bit_exactly_on_another_mesh_a
         print(f"{where}: {n} arrays restored bit-exactly")
         kernel = got_model["h"][0]["attn"]["c_attn"]["kernel"][...]
         moment = next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(got_train)[0]
-                      if parallel._path_name(path).endswith("mu.h.0.mlp.c_fc.kernel"))
+                      if parallel.path_name(path).endswith("mu.h.0.mlp.c_fc.kernel"))
         if where == "one device":
             assert kernel.sharding.device_set == moment.sharding.device_set == {jax.devices()[5]}
         else:   # heads (and the Adam moments of the MLP) split over tensor, on the four devices only
@@ -302,8 +302,8 @@ def test_a_checkpoint_with_the_earlier_flat_c_attn_restores_into_the_per_head_la
     train = {"step": jnp.asarray(5, jnp.int32), "opt_state": jax.tree.map(lambda a: a + 1.0, state.opt_state)}
 
     def flat(path, x):   # the earlier layout
-        return x.reshape(x.shape[0], -1) if parallel._path_name(path).endswith("c_attn.kernel") else \
-            x.reshape(-1) if parallel._path_name(path).endswith("c_attn.bias") else x
+        return x.reshape(x.shape[0], -1) if parallel.path_name(path).endswith("c_attn.kernel") else \
+            x.reshape(-1) if parallel.path_name(path).endswith("c_attn.bias") else x
     old_model = jax.tree_util.tree_map_with_path(flat, nnx.to_pure_dict(model_state))
     old_train = jax.tree_util.tree_map_with_path(flat, train)
     assert old_model["h"][0]["attn"]["c_attn"]["kernel"].shape == (32, 96)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxllm.sampling import SamplingConfig, cut_at_eos, generate
+from jaxllm.sampling import SamplingConfig, check_fits, cut_at_eos, generate
 
 _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -76,10 +76,8 @@ def self_consistency(model, tokenizer, prompt: str, n: int = 8, sampling: Sampli
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty; give the question as text")
-    block = model.config.block_size
-    if must_fit and len(ids) + max_new_tokens > block:
-        raise ValueError(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                         f"model's block_size {block}: shorten the prompt or lower max_new_tokens")
+    if must_fit:
+        check_fits(len(ids), max_new_tokens, model.config.block_size)
     eos_id = tokenizer.eos_id if stop_at_eos else None
     out = generate(model, np.asarray([ids] * n), max_new_tokens, sampling, eos_id=eos_id,
                    key=jax.random.key(0) if key is None else key)

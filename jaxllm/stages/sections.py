@@ -9,7 +9,7 @@ import typing
 import jax
 import numpy as np
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import COMPUTE_OPTIONS, GPTConfig
 from jaxllm.logits_processors import SamplingConfig
 from jaxllm.sampling import generate
 
@@ -48,7 +48,7 @@ class InitConfig:
 
     def compute(self) -> dict:
         """The compute options that are set, for `jaxllm.runs.load_base`."""
-        return {k: v for k, v in (("remat", self.remat), ("scan_layers", self.scan_layers)) if v is not None}
+        return {k: getattr(self, k) for k in COMPUTE_OPTIONS if getattr(self, k) is not None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxllm.parallel import path_name
 from jaxllm.training.rundir import CHECKPOINTS as CHECKPOINT_SUBDIR
 
 
@@ -126,7 +127,7 @@ class Checkpointer:
         """Shape of every array of `item` as checkpoint `step` stores it, by dotted path."""
         tree = self.manager.item_metadata(step)[item]
         tree = getattr(tree, "tree", tree)
-        return {_dotted(path): tuple(leaf.shape) for path, leaf in
+        return {path_name(path): tuple(leaf.shape) for path, leaf in
                 jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
                 if hasattr(leaf, "shape")}
 
@@ -160,20 +161,13 @@ class Checkpointer:
 _RESHAPED = ("attn.c_attn.kernel", "attn.c_attn.bias")
 
 
-def _dotted(path) -> str:
-    """A key path as "opt_state.1.0.mu.h.0.attn.c_attn.kernel" (a Variable's `.value` dropped: stored
-    trees have none)."""
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
-
-
 def _earlier_layouts(target, stored: dict[str, tuple]):
     """(target, fix): `target` with each array stored in an earlier layout (`_RESHAPED`) asked for in
     its stored shape, and fix(restored) reshaping those back into the target's shape and placement."""
     changed = {}
 
     def ask(path, want):
-        name = _dotted(path)
+        name = path_name(path)
         have = stored.get(name)
         if (have is None or have == tuple(want.shape) or not name.endswith(_RESHAPED)
                 or int(np.prod(have)) != int(np.prod(want.shape))):
@@ -190,7 +184,7 @@ def _earlier_layouts(target, stored: dict[str, tuple]):
         if not changed:
             return restored
         def back(path, x):
-            want = changed.get(_dotted(path))
+            want = changed.get(path_name(path))
             if want is None:
                 return x
             x = x.reshape(want.shape)

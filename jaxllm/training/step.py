@@ -68,6 +68,13 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     return graphdef, state
 
 
+def abstract_train_state(make_model: Callable[[], nnx.Module], optimizer: optax.GradientTransformation):
+    """(graphdef, train state as shapes only) of the model `make_model()` builds, nothing allocated:
+    for compiling a step from shapes (memory per device, compile time) without making the weights."""
+    graphdef = nnx.split(nnx.eval_shape(make_model))[0]
+    return graphdef, jax.eval_shape(lambda: init_train_state(make_model(), optimizer)[1])
+
+
 def lm_loss_fn(model, batch, key):
     """Pretraining loss: batch = (x, y) with y already shifted (nanoGPT's windows)."""
     x, y = batch
